@@ -1,0 +1,167 @@
+"""Shared fixtures: tiny models in the real formats, an isolated cache, a real local HTTP server."""
+
+from __future__ import annotations
+
+import sys
+import threading
+import types
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+import torch
+
+# A taming VQGAN small enough for CPU tests; taming's GroupNorm needs channels divisible by 32.
+TINY_DDCONFIG = dict(double_z=False, z_channels=8, resolution=32, in_channels=3, out_ch=3, ch=32,
+                     ch_mult=[1, 2], num_res_blocks=1, attn_resolutions=[16], dropout=0.0)
+
+TAMING_YAML = """\
+model:
+  base_learning_rate: 4.5e-06
+  target: taming.models.vqgan.{target}
+  params:
+    embed_dim: {embed_dim}
+    n_embed: {n_embed}
+    monitor: val/rec_loss
+{extra}    ddconfig:
+      double_z: false
+      z_channels: {z_channels}
+      resolution: {resolution}
+      in_channels: 3
+      out_ch: 3
+      ch: {ch}
+      ch_mult: {ch_mult}
+      num_res_blocks: {num_res_blocks}
+      attn_resolutions: {attn_resolutions}
+      dropout: 0.0
+    lossconfig:
+      target: taming.modules.losses.vqperceptual.VQLPIPSWithDiscriminator
+      params:
+        disc_conditional: false
+        disc_in_channels: 3
+        disc_start: 250001
+        disc_weight: 0.8
+        codebook_weight: 1.0
+"""
+
+GUMBEL_EXTRA = """\
+    kl_weight: 1.0e-08
+    temperature_scheduler_config:
+      target: taming.lr_scheduler.LambdaWarmUpCosineScheduler
+      params:
+        warm_up_steps: 0
+        max_decay_steps: 1000001
+        lr_start: 0.9
+        lr_max: 0.9
+        lr_min: 1.0e-06
+"""
+
+
+def write_taming_yaml(path, ddconfig=TINY_DDCONFIG, embed_dim=4, n_embed=16, gumbel=False):
+    path.write_text(TAMING_YAML.format(
+        target="GumbelVQ" if gumbel else "VQModel", embed_dim=embed_dim, n_embed=n_embed,
+        extra=GUMBEL_EXTRA if gumbel else "", **ddconfig))
+    return path
+
+
+# Lightning pickles its callback objects by class; a module that does not exist at load time
+# stands in for pytorch_lightning here, so the loader cannot import it even if it tried.
+_fake_pkg = types.ModuleType("fake_lightning")
+_fake = types.ModuleType("fake_lightning.callbacks")
+
+
+class ModelCheckpoint:
+    def __init__(self):
+        self.monitor, self.best_model_path = "val/rec_loss", "logs/last.ckpt"
+        self.best_model_score = torch.tensor(0.5)
+
+
+ModelCheckpoint.__module__ = _fake.__name__
+_fake.ModelCheckpoint = ModelCheckpoint
+
+
+def lightning_checkpoint(state_dict, extra_loss_keys=True):
+    """A dict shaped like an official taming ``last.ckpt`` (Lightning 1.x)."""
+    sd = dict(state_dict)
+    if extra_loss_keys:  # the training loss rides along in official checkpoints
+        from taming.modules.discriminator.model import NLayerDiscriminator
+
+        disc = NLayerDiscriminator(input_nc=3, ndf=8, n_layers=1)
+        sd.update({f"loss.discriminator.{k}": v for k, v in disc.state_dict().items()})
+        sd["loss.perceptual_loss.scaling_layer.shift"] = torch.zeros(1, 3, 1, 1)
+    return {
+        "epoch": 3, "global_step": 1000, "pytorch-lightning_version": "1.0.8",
+        "callbacks": {ModelCheckpoint: ModelCheckpoint().__dict__, "cb": ModelCheckpoint()},
+        "optimizer_states": [{"state": {0: {"exp_avg": torch.zeros(3)}},
+                              "param_groups": [{"lr": 4.5e-6, "params": [0]}]}],
+        "lr_schedulers": [], "state_dict": sd,
+    }
+
+
+def save_lightning(obj, path):
+    sys.modules.update({_fake_pkg.__name__: _fake_pkg, _fake.__name__: _fake})
+    try:
+        torch.save(obj, path)
+    finally:
+        del sys.modules[_fake.__name__], sys.modules[_fake_pkg.__name__]
+    return path
+
+
+@pytest.fixture(autouse=True)
+def isolated_cache(tmp_path, monkeypatch):
+    """Every test gets its own empty cache and never sees the user's."""
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("VQCLIP_CACHE", str(cache))
+    monkeypatch.delenv("VQCLIP_OFFLINE", raising=False)
+    return cache
+
+
+class FileServer:
+    """A real HTTP server on 127.0.0.1 that serves ``files`` and honours Range requests."""
+
+    def __init__(self):
+        self.files: dict[str, bytes] = {}
+        self.cut_once: dict[str, int] = {}  # path -> bytes to send before dropping the connection
+        self.requests: list[tuple[str, str | None]] = []
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                rng = self.headers.get("Range")
+                server.requests.append((self.path, rng))
+                body = server.files.get(self.path)
+                if body is None:
+                    self.send_error(404)
+                    return
+                start = int(rng.split("=")[1].split("-")[0]) if rng else 0
+                if start >= len(body) and rng:
+                    self.send_response(416)
+                    self.end_headers()
+                    return
+                self.send_response(206 if rng else 200)
+                self.send_header("Content-Length", str(len(body) - start))
+                if rng:
+                    self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
+                self.end_headers()
+                cut = server.cut_once.pop(self.path, None)
+                self.wfile.write(body[start:cut] if cut else body[start:])
+                if cut:
+                    self.close_connection = True
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def server():
+    srv = FileServer()
+    yield srv
+    srv.close()

@@ -1,0 +1,134 @@
+"""Safe checkpoint reading: tensors come back, code in the pickle never runs."""
+
+import os
+
+import pytest
+import torch
+
+from conftest import lightning_checkpoint, save_lightning
+from vqclip.checkpoints import CheckpointError, Inert, read_checkpoint, read_state_dict, save_safetensors
+
+
+class CreatesFile:
+    """Unpickling this calls ``open(path, "w")``, which creates the file."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+class RunsShell:
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.path}",))
+
+
+def test_tensors_round_trip_with_views_dtypes_and_parameters(tmp_path):
+    base = torch.arange(24, dtype=torch.float32).reshape(4, 6)
+    sd = {"w": base, "view": base[1:, ::2], "half": torch.randn(5).half(),
+          "bf16": torch.randn(6, dtype=torch.bfloat16)[2:], "mask": torch.tensor([True, False]),
+          "idx": torch.arange(3), "param": torch.nn.Parameter(torch.ones(2, 2))}
+    torch.save({"state_dict": sd, "tags": {"a", "b"}, "raw": b"\x00\x01"}, tmp_path / "m.ckpt")
+    obj = read_checkpoint(tmp_path / "m.ckpt")
+    for key, value in sd.items():
+        assert obj["state_dict"][key].dtype == value.dtype
+        assert torch.equal(obj["state_dict"][key], value.detach()), key
+    assert obj["tags"] == {"a", "b"} and obj["raw"] == b"\x00\x01"
+
+
+@pytest.mark.parametrize("payload_cls", [CreatesFile, RunsShell])
+def test_payload_outside_state_dict_never_runs(tmp_path, payload_cls):
+    marker = tmp_path / "pwned"
+    ckpt = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {"w": torch.ones(3)}, "extra": payload_cls(marker)}, ckpt)
+
+    sd = read_state_dict(ckpt)
+    assert torch.equal(sd["w"], torch.ones(3))
+    assert not marker.exists()
+    assert isinstance(read_checkpoint(ckpt)["extra"], Inert)
+    assert not marker.exists()
+
+    # The payload is live: torch's unrestricted loader does run it.
+    torch.load(ckpt, weights_only=False)
+    assert marker.exists()
+
+
+def test_payload_inside_state_dict_is_refused_and_never_runs(tmp_path):
+    marker = tmp_path / "pwned"
+    ckpt = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {"w": torch.ones(3), "bad": CreatesFile(marker)}}, ckpt)
+    with pytest.raises(CheckpointError, match="bad"):
+        read_state_dict(ckpt)
+    assert not marker.exists()
+
+
+def test_lightning_objects_load_but_weights_only_refuses(tmp_path):
+    ckpt = save_lightning(lightning_checkpoint({"enc.w": torch.randn(4, 4)}, extra_loss_keys=False),
+                          tmp_path / "last.ckpt")
+    with pytest.raises(Exception):
+        torch.load(ckpt, weights_only=True)
+    obj = read_checkpoint(ckpt)
+    assert obj["global_step"] == 1000
+    callback_class = next(iter(obj["callbacks"]))
+    assert issubclass(callback_class, Inert) and "ModelCheckpoint" in repr(obj["callbacks"]["cb"])
+    assert set(read_state_dict(ckpt)) == {"enc.w"}
+
+
+def test_truncated_checkpoint_names_the_file(tmp_path):
+    ckpt = tmp_path / "last.ckpt"
+    torch.save({"state_dict": {"w": torch.randn(1000)}}, ckpt)
+    ckpt.write_bytes(ckpt.read_bytes()[: ckpt.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match="last.ckpt.*truncated or corrupt"):
+        read_state_dict(ckpt)
+
+
+def test_corrupt_tensor_data_names_the_file(tmp_path):
+    ckpt = tmp_path / "last.ckpt"
+    torch.save({"state_dict": {"w": torch.zeros(1000)}}, ckpt)
+    data = bytearray(ckpt.read_bytes())
+    at = data.find(bytes(4000))  # the tensor's bytes: stored uncompressed, guarded by a CRC
+    data[at + 100] = 7
+    ckpt.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="last.ckpt"):
+        read_state_dict(ckpt)
+
+
+@pytest.mark.parametrize("content", [b"", b"not a checkpoint at all", b"PK\x03\x04garbage"])
+def test_garbage_is_a_clear_error(tmp_path, content):
+    path = tmp_path / "x.ckpt"
+    path.write_bytes(content)
+    with pytest.raises(CheckpointError, match="x.ckpt"):
+        read_state_dict(path)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.ckpt"):
+        read_state_dict(tmp_path / "nope.ckpt")
+
+
+def test_legacy_format_reads_through_torchs_safe_loader(tmp_path):
+    path = tmp_path / "old.pt"
+    torch.save({"state_dict": {"w": torch.arange(3.0)}}, path, _use_new_zipfile_serialization=False)
+    assert torch.equal(read_state_dict(path)["w"], torch.arange(3.0))
+
+
+def test_torchscript_archive_is_refused_clearly(tmp_path):
+    path = tmp_path / "jit.pt"
+    torch.jit.save(torch.jit.trace(torch.nn.Linear(2, 2), torch.zeros(1, 2)), path)
+    with pytest.raises(CheckpointError, match="TorchScript"):
+        read_state_dict(path)
+
+
+def test_safetensors_round_trip_shared_storage_and_corruption(tmp_path):
+    base = torch.randn(4, 4)
+    path = save_safetensors({"a": base, "b": base[0]}, tmp_path / "w.safetensors", {"k": "v"})
+    sd = read_state_dict(path)
+    assert torch.equal(sd["a"], base) and torch.equal(sd["b"], base[0])
+    assert not list(tmp_path.glob("*.tmp"))
+    path.write_bytes(path.read_bytes()[:40])
+    with pytest.raises(CheckpointError, match="w.safetensors"):
+        read_state_dict(path)

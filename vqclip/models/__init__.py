@@ -1,0 +1,1 @@
+"""Model loaders: inference-only VQGAN and frozen CLIP."""

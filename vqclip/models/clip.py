@@ -1,0 +1,163 @@
+"""CLIP through open_clip: architecture + weights, frozen, with everything the loop needs.
+
+Weights come from the registry (``vqclip models``) or a local file, and are read by vqclip's safe
+readers (safetensors, or the restricted unpickler for ``.bin``/``.pt``), never by ``torch.load``
+with code execution. Tokenizer and mean/std come from open_clip, which ships both, so they work
+offline.
+
+Shape:
+    ``encode_image``: ``(B, 3, S, S)`` in [0, 1] with ``S = input_size`` -> ``(B, D)`` float32.
+    ``encode_text``: ``list[str]`` of length B -> ``(B, D)`` float32.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+
+from ..checkpoints import load_strict, read_state_dict
+
+__all__ = ["CLIP", "load_clip", "register_clip_config"]
+
+log = logging.getLogger(__name__)
+
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
+
+
+@dataclass
+class CLIP:
+    """A frozen CLIP model with its tokenizer and preprocessing constants."""
+
+    model: nn.Module
+    tokenizer: Callable[[Sequence[str]], torch.Tensor]
+    input_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    name: str
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """Standardize images in [0, 1] with this model's mean/std."""
+        mean = images.new_tensor(self.mean).view(1, 3, 1, 1)
+        std = images.new_tensor(self.std).view(1, 3, 1, 1)
+        return (images - mean) / std
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        """Embed images in [0, 1] already at ``input_size``; gradients flow to ``images``."""
+        # .float(): CLIP may run in fp16 on a GPU (openai/CLIP#30); the losses want fp32
+        return self.model.encode_image(self.normalize(images)).float()
+
+    def encode_text(self, texts: Sequence[str]) -> torch.Tensor:
+        """Embed texts with open_clip's tokenizer."""
+        tokens = self.tokenizer(list(texts)).to(self.device)
+        return self.model.encode_text(tokens).float()
+
+
+def register_clip_config(path: str | Path) -> str:
+    """Register a custom architecture from an open_clip model-config JSON; returns its name.
+
+    The name is the file's stem, as open_clip's own config folder does it.
+    """
+    import open_clip
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"CLIP config not found: {path}")
+    open_clip.add_model_config(path)
+    return path.stem
+
+
+def load_clip(arch: str, pretrained: str | Path | None = None, *, device: str | torch.device = "cpu",
+              cache_dir: str | Path | None = None, download: bool = True,
+              config: str | Path | None = None) -> CLIP:
+    """Load a frozen CLIP model.
+
+    Args:
+        arch: an open_clip architecture (``"ViT-B-32"``), or ``"ARCH/TAG"`` from the registry.
+        pretrained: a registry tag (``"openai"``), a weights file (``.safetensors``, ``.bin``,
+            ``.pt``), or None for random weights (tests and training only).
+        device: where to put the model; weights are read on the CPU first.
+        cache_dir: the download cache.
+        download: fetch registry weights that are not present yet.
+        config: an open_clip model-config JSON that defines ``arch`` (custom architectures).
+    Returns:
+        A :class:`CLIP` in eval mode with ``requires_grad`` off.
+    Raises:
+        ValueError: unknown architecture or tag. FileNotFoundError, CheckpointError,
+        DownloadError: see messages.
+
+    Example:
+        >>> clip = load_clip("ViT-B-32", "openai")  # doctest: +SKIP
+    """
+    import open_clip
+
+    from .. import pretrained as registry
+
+    if pretrained is None and "/" in arch and arch in registry.CLIP_MODELS:
+        arch, pretrained = arch.split("/", 1)
+    if config is not None:
+        register_clip_config(config)
+    if arch not in open_clip.list_models():
+        raise ValueError(f"unknown CLIP architecture {arch!r}; available: "
+                         f"{', '.join(sorted(open_clip.list_models()))}")
+
+    weights, quick_gelu, name = None, False, arch
+    if pretrained is not None:
+        path = Path(pretrained)
+        if path.suffix in _WEIGHT_SUFFIXES or path.exists():
+            if not path.is_file():
+                raise FileNotFoundError(f"CLIP weights not found: {path}")
+            weights, name = path, f"{arch}/{path.name}"
+        else:
+            name = f"{arch}/{pretrained}"
+            if name not in registry.CLIP_MODELS:
+                raise ValueError(_unknown_tag_message(arch, str(pretrained)))
+            quick_gelu = registry.CLIP_MODELS[name].get("quick_gelu", False)
+            weights = registry.resolve(name, cache_dir=cache_dir, download=download)["weights"]
+    else:
+        log.warning("CLIP %s has random weights (no pretrained weights given)", arch)
+
+    # OpenAI's weights were trained with QuickGELU; pairing them with GELU silently degrades
+    # every embedding (open_clip#771), so the registry records it per entry.
+    model = open_clip.create_model(arch, pretrained=None, force_quick_gelu=quick_gelu, device="cpu")
+    if weights is not None:
+        sd = read_state_dict(weights)
+        if next(iter(sd)).startswith("module."):  # open_clip training checkpoints (DDP)
+            sd = {k.removeprefix("module."): v for k, v in sd.items()}
+        if "logit_scale" in sd and sd["logit_scale"].ndim != model.logit_scale.ndim:
+            sd["logit_scale"] = sd["logit_scale"].reshape(model.logit_scale.shape)
+        load_strict(model, sd, weights, what=f"CLIP {arch}")
+    model = model.eval().requires_grad_(False).to(device)
+
+    pp = open_clip.get_model_preprocess_cfg(model)
+    size = pp["size"]
+    if isinstance(size, (tuple, list)):
+        if size[0] != size[1]:
+            raise ValueError(f"CLIP {arch}: non-square input {size} is not supported")
+        size = size[0]
+    return CLIP(model=model, tokenizer=open_clip.get_tokenizer(arch), input_size=int(size),
+                mean=tuple(pp["mean"]), std=tuple(pp["std"]), name=name)
+
+
+def _unknown_tag_message(arch: str, tag: str) -> str:
+    import open_clip
+
+    from ..pretrained import CLIP_MODELS
+
+    ours = [n.split("/", 1)[1] for n in CLIP_MODELS if n.startswith(f"{arch}/")]
+    theirs = open_clip.list_pretrained_tags_by_model(arch)
+    msg = f"no registry weights {arch}/{tag}"
+    msg += f"; vqclip's registry has: {', '.join(ours)}" if ours else "; vqclip's registry has none for this architecture"
+    if tag in theirs:
+        msg += (f". open_clip knows {arch}/{tag}: download its weights file (see "
+                f"open_clip.get_pretrained_cfg({arch!r}, {tag!r})) and pass its path instead")
+    return msg
+

@@ -1,0 +1,267 @@
+"""Inference-only VQGAN built from taming-transformers' building blocks.
+
+``taming.models.vqgan.VQModel`` is a Lightning module that builds its training loss in
+``__init__`` (LPIPS downloads VGG weights; the discriminator is dead weight for inference) and
+imports ``pytorch_lightning`` APIs that no longer exist. :class:`VQGAN` uses only
+``taming.modules`` (Encoder, Decoder, VectorQuantizer2, GumbelQuantize) under the same attribute
+names, so the official checkpoints load strictly, key for key.
+
+Shape:
+    image ``(B, 3, H, W)`` in [0, 1] <-> latents ``(B, D, H/f, W/f)`` with ``D = embed_dim``
+    and ``f = downsample_factor``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..checkpoints import load_strict, read_safetensors_metadata, read_state_dict, save_safetensors
+
+__all__ = ["VQGAN", "VQGANConfig", "clamp_with_grad", "load_vqgan", "read_vqgan_config"]
+
+log = logging.getLogger(__name__)
+
+# Official YAMLs name a Lightning class; we read it as data to pick the quantizer, never import it.
+_TARGETS = {"taming.models.vqgan.VQModel": "vq", "taming.models.vqgan.GumbelVQ": "gumbel"}
+
+
+@dataclass
+class VQGANConfig:
+    """The architecture of a taming VQGAN: the ``model.params`` of its YAML."""
+
+    kind: str  # "vq" or "gumbel"
+    embed_dim: int
+    n_embed: int
+    ddconfig: dict[str, Any] = field(default_factory=dict)
+    kl_weight: float = 1e-8  # gumbel only; kept so a converted file round-trips
+
+    def to_json(self) -> str:
+        return json.dumps(self.__dict__, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "VQGANConfig":
+        return cls(**json.loads(text))
+
+
+def read_vqgan_config(path: str | Path) -> VQGANConfig:
+    """Read a taming-format YAML (``model: {target, params}``) as data.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: a target other than VQModel/GumbelVQ, or missing/unsupported params.
+    """
+    from omegaconf import OmegaConf
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"VQGAN config not found: {path}")
+    try:
+        cfg = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    except Exception as e:
+        raise ValueError(f"{path}: not a readable YAML file ({e})") from None
+    model = cfg.get("model", cfg) if isinstance(cfg, dict) else None
+    if not isinstance(model, dict) or "params" not in model:
+        raise ValueError(f"{path}: expected a taming config with model.target and model.params")
+    target = model.get("target", "taming.models.vqgan.VQModel")
+    if target not in _TARGETS:
+        raise ValueError(f"{path}: unsupported model.target {target!r}; "
+                         f"supported: {', '.join(sorted(_TARGETS))}")
+    params = model["params"]
+    if params.get("remap") is not None:
+        raise ValueError(f"{path}: codebook remapping (params.remap) is not supported")
+    missing = [k for k in ("embed_dim", "n_embed", "ddconfig") if k not in params]
+    if missing:
+        raise ValueError(f"{path}: model.params lacks {', '.join(missing)}")
+    return VQGANConfig(kind=_TARGETS[target], embed_dim=int(params["embed_dim"]),
+                       n_embed=int(params["n_embed"]), ddconfig=dict(params["ddconfig"]),
+                       kl_weight=float(params.get("kl_weight", 1e-8)))
+
+
+class _ClampWithGrad(torch.autograd.Function):
+    # A clamp whose gradient still flows where it points back into [min, max]: a plain clamp
+    # would zero it for saturated pixels and leave them stuck (crowsonkb's VQGAN+CLIP notebook).
+    @staticmethod
+    def forward(ctx, x, lo, hi):
+        ctx.lo, ctx.hi = lo, hi
+        ctx.save_for_backward(x)
+        return x.clamp(lo, hi)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        inward = grad * (grad * (x - x.clamp(ctx.lo, ctx.hi)) >= 0)
+        return inward, None, None
+
+
+def clamp_with_grad(x: torch.Tensor, lo: float = 0.0, hi: float = 1.0) -> torch.Tensor:
+    """Clamp to [lo, hi], passing gradients that move a value inward (or keep it inside)."""
+    return _ClampWithGrad.apply(x, lo, hi)
+
+
+class VQGAN(nn.Module):
+    """Encoder, quantizer and decoder of a taming VQGAN, for inference and latent optimization.
+
+    Attribute names match taming's ``VQModel``/``GumbelVQ`` so state dicts load strictly.
+    """
+
+    def __init__(self, config: VQGANConfig):
+        super().__init__()
+        from taming.modules.diffusionmodules.model import Decoder, Encoder
+        from taming.modules.vqvae.quantize import GumbelQuantize, VectorQuantizer2
+
+        self.config = config
+        dd = config.ddconfig
+        with contextlib.redirect_stdout(io.StringIO()):  # taming's Decoder prints the z shape
+            self.encoder = Encoder(**dd)
+            self.decoder = Decoder(**dd)
+        if config.kind == "gumbel":
+            self.quantize = GumbelQuantize(dd["z_channels"], config.embed_dim,
+                                           n_embed=config.n_embed, kl_weight=config.kl_weight)
+        else:
+            self.quantize = VectorQuantizer2(config.n_embed, config.embed_dim, beta=0.25)
+        self.quant_conv = nn.Conv2d(dd["z_channels"], config.embed_dim, 1)
+        self.post_quant_conv = nn.Conv2d(config.embed_dim, dd["z_channels"], 1)
+
+    @property
+    def codebook(self) -> torch.Tensor:
+        """The code vectors, ``(n_embed, embed_dim)``."""
+        if self.config.kind == "gumbel":
+            return self.quantize.embed.weight
+        return self.quantize.embedding.weight
+
+    @property
+    def downsample_factor(self) -> int:
+        """Pixels per latent cell along each side (16 for the f16 models)."""
+        return 2 ** (len(self.config.ddconfig["ch_mult"]) - 1)
+
+    @property
+    def embed_dim(self) -> int:
+        return self.config.embed_dim
+
+    def encode(self, image: torch.Tensor) -> torch.Tensor:
+        """Encode an image in [0, 1], ``(B, 3, H, W)``, to latents ``(B, D, H/f, W/f)``.
+
+        For a VQ model these are the continuous pre-quantization latents. A Gumbel model has
+        none in code space, so it returns the code vectors of its most likely codes.
+        """
+        h = self.quant_conv(self.encoder(image * 2 - 1))
+        if self.config.kind == "gumbel":
+            indices = self.quantize.proj(h).argmax(1)  # (B, h, w)
+            return self.codebook[indices].permute(0, 3, 1, 2)
+        return h
+
+    def quantize_latents(self, z: torch.Tensor) -> torch.Tensor:
+        """Snap each latent vector to its nearest code; the gradient passes straight through.
+
+        Shape: ``(B, D, h, w) -> (B, D, h, w)``.
+        """
+        codebook = self.codebook
+        flat = z.movedim(1, -1)  # (B, h, w, D)
+        d = (flat.pow(2).sum(-1, keepdim=True) + codebook.pow(2).sum(-1)
+             - 2 * flat @ codebook.T)  # (B, h, w, n_embed)
+        z_q = codebook[d.argmin(-1)].movedim(-1, 1)
+        return z + (z_q - z).detach()
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Decode latents ``(B, D, h, w)`` to an image ``(B, 3, h*f, w*f)`` in [0, 1].
+
+        The clamp to [0, 1] passes gradients that point inward (:func:`clamp_with_grad`).
+        """
+        x = self.decoder(self.post_quant_conv(z))  # taming's range: [-1, 1]
+        return clamp_with_grad(x.add(1).div(2), 0.0, 1.0)
+
+
+def _model_state(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    # Official checkpoints carry the training loss (LPIPS, discriminator) under "loss.";
+    # the inference model has no such part, so those keys are dropped and nothing else.
+    return {k: v for k, v in sd.items() if not k.startswith("loss.")}
+
+
+def converted_path(ckpt: Path, cache_dir: Path) -> Path:
+    """Where the safetensors conversion of ``ckpt`` lives in the cache."""
+    st = ckpt.stat()
+    key = hashlib.sha256(f"{ckpt.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()
+    return cache_dir / "converted" / f"{ckpt.stem}-{key[:16]}.safetensors"
+
+
+def load_vqgan(name_or_path: str | Path, config: str | Path | None = None, *,
+               device: str | torch.device = "cpu", cache_dir: str | Path | None = None,
+               convert: bool = True, download: bool = True) -> VQGAN:
+    """Load a VQGAN for inference: a registry name, a taming ``.ckpt`` or a ``.safetensors``.
+
+    Args:
+        name_or_path: a name from ``vqclip models`` (e.g. ``"imagenet_f16_16384"``) or a path.
+        config: the taming YAML. Optional for registry names, for ``.safetensors`` files written
+            by vqclip (the config is in their header) and when ``<ckpt stem>.yaml`` sits beside.
+        device: where to put the model; weights are read on the CPU first.
+        cache_dir: the download/conversion cache (default: ``$VQCLIP_CACHE`` or ~/.cache/vqclip).
+        convert: store a safetensors copy of a ``.ckpt`` in the cache once, and read that later.
+        download: fetch a registry model that is not present yet.
+    Returns:
+        A frozen :class:`VQGAN` in eval mode.
+    Raises:
+        FileNotFoundError, ValueError, CheckpointError, DownloadError (see messages).
+
+    Example:
+        >>> vqgan = load_vqgan("imagenet_f16_16384", device="cuda")  # doctest: +SKIP
+    """
+    from .. import pretrained
+
+    cache = pretrained.get_cache_dir(cache_dir)
+    path = Path(name_or_path)
+    if not path.exists() and str(name_or_path) in pretrained.VQGAN_MODELS:
+        files = pretrained.resolve(str(name_or_path), cache_dir=cache, download=download)
+        path, config = files["ckpt"], config or files["config"]
+    elif not path.exists():
+        if path.suffix in (".ckpt", ".safetensors", ".pt", ".pth") or "/" in str(name_or_path):
+            raise FileNotFoundError(f"VQGAN checkpoint not found: {path}")
+        raise ValueError(f"unknown VQGAN {str(name_or_path)!r}; available: "
+                         f"{', '.join(pretrained.VQGAN_MODELS)} (or a path to a .ckpt/.safetensors)")
+
+    if path.suffix == ".safetensors":
+        cfg = read_vqgan_config(config) if config else _embedded_config(path)
+        sd = read_state_dict(path)
+    else:
+        if config is None:
+            config = path.with_suffix(".yaml")
+            if not config.is_file():
+                raise ValueError(f"{path}: no config given and no {config.name} beside it; "
+                                 "pass the taming YAML (--vqgan-config)")
+        cfg = read_vqgan_config(config)
+        target = converted_path(path, cache) if convert else None
+        if target is not None and target.is_file():
+            log.info("reading %s (converted from %s)", target, path)
+            sd = read_state_dict(target)
+        else:
+            sd = _model_state(read_state_dict(path))
+            if target is not None:
+                _try_convert(sd, cfg, target)
+
+    model = VQGAN(cfg)
+    load_strict(model, _model_state(sd), path, what="this VQGAN config")
+    return model.eval().requires_grad_(False).to(device)
+
+
+def _embedded_config(path: Path) -> VQGANConfig:
+    meta = read_safetensors_metadata(path)
+    if "vqclip.vqgan_config" not in meta:
+        raise ValueError(f"{path}: no VQGAN config in this file's header; pass the taming YAML")
+    return VQGANConfig.from_json(meta["vqclip.vqgan_config"])
+
+
+def _try_convert(sd: dict[str, torch.Tensor], cfg: VQGANConfig, target: Path) -> None:
+    try:
+        save_safetensors(sd, target, metadata={"vqclip.vqgan_config": cfg.to_json()})
+        log.info("converted to safetensors once: %s", target)
+    except OSError as e:  # a read-only cache must not stop loading
+        log.warning("could not write the safetensors conversion %s: %s", target, e)
