@@ -152,9 +152,9 @@ def find_local(name: str, cache_dir: str | Path | None = None) -> dict[str, Path
     return None
 
 
-def resolve(name: str, cache_dir: str | Path | None = None, download: bool = True,
+def resolve(name: str, cache_dir: str | Path | None = None, allow_download: bool = True,
             progress: bool = True) -> dict[str, Path]:
-    """Paths to ``name``'s files, downloading the missing ones if ``download``.
+    """Paths to ``name``'s files, downloading the missing ones if ``allow_download``.
 
     Raises:
         ValueError: unknown name.
@@ -163,7 +163,7 @@ def resolve(name: str, cache_dir: str | Path | None = None, download: bool = Tru
     found = find_local(name, cache_dir)
     if found is not None:
         return found
-    if not download:
+    if not allow_download:
         raise DownloadError(_missing_message(name, cache_dir))
     return download(name, cache_dir=cache_dir, progress=progress)
 

@@ -66,11 +66,20 @@ def register_clip_config(path: str | Path) -> str:
 
     The name is the file's stem, as open_clip's own config folder does it.
     """
+    import json
+
     import open_clip
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"CLIP config not found: {path}")
+    try:
+        cfg = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not a JSON model config ({e})") from None
+    missing = [k for k in ("embed_dim", "vision_cfg", "text_cfg") if k not in cfg]
+    if missing:  # open_clip would skip such a file silently
+        raise ValueError(f"{path}: an open_clip model config needs {', '.join(missing)}")
     open_clip.add_model_config(path)
     return path.stem
 
@@ -109,7 +118,7 @@ def load_clip(arch: str, pretrained: str | Path | None = None, *, device: str | 
         raise ValueError(f"unknown CLIP architecture {arch!r}; available: "
                          f"{', '.join(sorted(open_clip.list_models()))}")
 
-    weights, quick_gelu, name = None, False, arch
+    weights, quick_gelu, name, preprocess = None, False, arch, {}
     if pretrained is not None:
         path = Path(pretrained)
         if path.suffix in _WEIGHT_SUFFIXES or path.exists():
@@ -120,14 +129,20 @@ def load_clip(arch: str, pretrained: str | Path | None = None, *, device: str | 
             name = f"{arch}/{pretrained}"
             if name not in registry.CLIP_MODELS:
                 raise ValueError(_unknown_tag_message(arch, str(pretrained)))
-            quick_gelu = registry.CLIP_MODELS[name].get("quick_gelu", False)
-            weights = registry.resolve(name, cache_dir=cache_dir, download=download)["weights"]
+            entry = registry.CLIP_MODELS[name]
+            quick_gelu = entry.get("quick_gelu", False)
+            # mean/std: the registry's, else what open_clip records for this tag, else its default
+            tag_cfg = open_clip.get_pretrained_cfg(arch, str(pretrained))
+            preprocess = {k: entry.get(k, tag_cfg.get(k)) for k in ("mean", "std")
+                          if entry.get(k, tag_cfg.get(k)) is not None}
+            weights = registry.resolve(name, cache_dir=cache_dir, allow_download=download)["weights"]
     else:
         log.warning("CLIP %s has random weights (no pretrained weights given)", arch)
 
     # OpenAI's weights were trained with QuickGELU; pairing them with GELU silently degrades
     # every embedding (open_clip#771), so the registry records it per entry.
-    model = open_clip.create_model(arch, pretrained=None, force_quick_gelu=quick_gelu, device="cpu")
+    model = open_clip.create_model(arch, pretrained=None, force_quick_gelu=quick_gelu,
+                                   force_preprocess_cfg=preprocess, device="cpu")
     if weights is not None:
         sd = read_state_dict(weights)
         if next(iter(sd)).startswith("module."):  # open_clip training checkpoints (DDP)

@@ -82,9 +82,14 @@ def read_vqgan_config(path: str | Path) -> VQGANConfig:
     missing = [k for k in ("embed_dim", "n_embed", "ddconfig") if k not in params]
     if missing:
         raise ValueError(f"{path}: model.params lacks {', '.join(missing)}")
-    return VQGANConfig(kind=_TARGETS[target], embed_dim=int(params["embed_dim"]),
-                       n_embed=int(params["n_embed"]), ddconfig=dict(params["ddconfig"]),
-                       kl_weight=float(params.get("kl_weight", 1e-8)))
+    cfg = VQGANConfig(kind=_TARGETS[target], embed_dim=int(params["embed_dim"]),
+                      n_embed=int(params["n_embed"]), ddconfig=dict(params["ddconfig"]),
+                      kl_weight=float(params.get("kl_weight", 1e-8)))
+    if cfg.kind == "gumbel" and cfg.ddconfig.get("z_channels") != cfg.embed_dim:
+        # GumbelVQ projects quant_conv's embed_dim output with a conv built for z_channels
+        raise ValueError(f"{path}: a GumbelVQ needs ddconfig.z_channels == embed_dim, "
+                         f"got {cfg.ddconfig.get('z_channels')} and {cfg.embed_dim}")
+    return cfg
 
 
 class _ClampWithGrad(torch.autograd.Function):
@@ -220,7 +225,7 @@ def load_vqgan(name_or_path: str | Path, config: str | Path | None = None, *,
     cache = pretrained.get_cache_dir(cache_dir)
     path = Path(name_or_path)
     if not path.exists() and str(name_or_path) in pretrained.VQGAN_MODELS:
-        files = pretrained.resolve(str(name_or_path), cache_dir=cache, download=download)
+        files = pretrained.resolve(str(name_or_path), cache_dir=cache, allow_download=download)
         path, config = files["ckpt"], config or files["config"]
     elif not path.exists():
         if path.suffix in (".ckpt", ".safetensors", ".pt", ".pth") or "/" in str(name_or_path):

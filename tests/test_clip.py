@@ -1,0 +1,122 @@
+"""CLIP loading through open_clip: custom configs, local weight files, the registry, freezing."""
+
+import json
+
+import pytest
+import torch
+
+from vqclip import pretrained
+from vqclip.checkpoints import CheckpointError, save_safetensors
+from vqclip.models.clip import load_clip, register_clip_config
+
+TINY = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8, "head_width": 32},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+}
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+
+
+@pytest.fixture(scope="session")
+def tiny_arch(tmp_path_factory):
+    path = tmp_path_factory.mktemp("clipcfg") / "vqclip-test-tiny.json"
+    path.write_text(json.dumps(TINY))
+    return register_clip_config(path)
+
+
+@pytest.fixture
+def tiny_weights(tiny_arch):
+    import open_clip
+
+    torch.manual_seed(0)
+    return open_clip.create_model(tiny_arch).state_dict()
+
+
+def test_custom_config_loads_from_safetensors_frozen_with_preprocessing(tiny_arch, tiny_weights, tmp_path):
+    path = save_safetensors(tiny_weights, tmp_path / "open_clip_model.safetensors")
+    clip = load_clip(tiny_arch, path)
+    assert all(torch.equal(clip.model.state_dict()[k], v) for k, v in tiny_weights.items())
+    assert not clip.model.training and not any(p.requires_grad for p in clip.model.parameters())
+    assert clip.input_size == 32 and clip.mean == pytest.approx(OPENAI_MEAN)  # open_clip's default
+
+    tokens = clip.tokenizer(["a red circle"])
+    assert tokens.shape == (1, 77) and tokens[0, 0] == 49406  # open_clip's real BPE: <start_of_text>
+    text = clip.encode_text(["a red circle", "a blue square"])
+    images = torch.rand(3, 3, 32, 32, requires_grad=True)
+    image_embeds = clip.encode_image(images)
+    assert text.shape == (2, 32) and image_embeds.shape == (3, 32) and image_embeds.dtype == torch.float32
+    image_embeds.sum().backward()  # gradients reach the pixels, not the frozen weights
+    assert images.grad is not None and images.grad.abs().sum() > 0
+
+
+def test_registry_entry_for_a_custom_arch_sets_mean_std(tiny_arch, tiny_weights, monkeypatch, isolated_cache):
+    """The path the bundled models take: a registry entry, its file in the cache, its own mean/std."""
+    name = f"{tiny_arch}/test"
+    monkeypatch.setitem(pretrained.CLIP_MODELS, name, {
+        "arch": tiny_arch, "pretrained": "test", "mean": (0.5, 0.5, 0.5), "std": (0.25, 0.25, 0.25),
+        "description": "test", "license": "test",
+        "files": {"weights": pretrained.RemoteFile("http://127.0.0.1:9/w", "w.safetensors")}})
+    save_safetensors(tiny_weights, isolated_cache / name.replace("/", "--") / "w.safetensors")
+    clip = load_clip(name, download=False)
+    assert clip.mean == (0.5, 0.5, 0.5) and clip.std == (0.25, 0.25, 0.25)
+    assert torch.allclose(clip.normalize(torch.full((1, 3, 2, 2), 0.75)), torch.ones(1, 3, 2, 2))
+
+
+@pytest.mark.parametrize("wrap", ["plain", "training"])
+def test_pickled_state_dicts_load(tiny_arch, tiny_weights, tmp_path, wrap):
+    path = tmp_path / "open_clip_pytorch_model.bin"
+    if wrap == "plain":  # HF's open_clip_pytorch_model.bin
+        torch.save(tiny_weights, path)
+    else:  # open_clip's training checkpoints: DDP prefix, optimizer state beside
+        torch.save({"epoch": 1, "state_dict": {f"module.{k}": v for k, v in tiny_weights.items()},
+                    "optimizer": {"state": {}}}, path)
+    clip = load_clip(tiny_arch, path)
+    assert torch.equal(clip.model.state_dict()["text_projection"], tiny_weights["text_projection"])
+
+
+def test_mismatched_weights_name_the_keys(tiny_arch, tiny_weights, tmp_path):
+    tiny_weights.pop("logit_scale")
+    path = save_safetensors(tiny_weights, tmp_path / "w.safetensors")
+    with pytest.raises(CheckpointError, match=r"w.safetensors.*missing keys \(1\): logit_scale"):
+        load_clip(tiny_arch, path)
+
+
+def test_bad_names_are_clear_errors(tiny_arch, tmp_path):
+    with pytest.raises(ValueError, match="unknown CLIP architecture 'ViT-Q-99'.*ViT-B-32"):
+        load_clip("ViT-Q-99")
+    with pytest.raises(ValueError, match="no registry weights ViT-B-32/laion2b_s34b_b79k.*openai.*open_clip knows"):
+        load_clip("ViT-B-32", "laion2b_s34b_b79k")
+    with pytest.raises(FileNotFoundError, match="missing.safetensors"):
+        load_clip(tiny_arch, tmp_path / "missing.safetensors")
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"embed_dim": 8}')
+    with pytest.raises(ValueError, match="vision_cfg, text_cfg"):
+        register_clip_config(bad)
+
+
+def test_registry_weights_not_present_offline_say_what_to_download(monkeypatch):
+    monkeypatch.setenv("VQCLIP_OFFLINE", "1")
+    with pytest.raises(pretrained.DownloadError, match="vqclip download ViT-B-32/openai.*huggingface.co"):
+        load_clip("ViT-B-32", "openai")
+
+
+def test_full_size_vit_b_32_openai_from_the_cache_gets_quick_gelu(isolated_cache):
+    """ViT-B-32 in its real size, random weights, saved as the registry's safetensors file."""
+    import open_clip
+    from open_clip.transformer import QuickGELU
+
+    torch.manual_seed(0)
+    model = open_clip.create_model("ViT-B-32", force_quick_gelu=True)
+    sd = model.state_dict()
+    entry = pretrained.CLIP_MODELS["ViT-B-32/openai"]["files"]["weights"]
+    save_safetensors(sd, isolated_cache / "ViT-B-32--openai" / entry.filename)
+    del model
+
+    clip = load_clip("ViT-B-32", "openai", download=False)
+    assert clip.name == "ViT-B-32/openai" and clip.input_size == 224
+    assert clip.mean == pytest.approx((0.48145466, 0.4578275, 0.40821073))
+    # OpenAI's weights need QuickGELU; a GELU model would load them "fine" and be wrong (open_clip#771)
+    assert isinstance(clip.model.visual.transformer.resblocks[0].mlp.gelu, QuickGELU)
+    assert torch.equal(clip.model.state_dict()["visual.proj"], sd["visual.proj"])
+    with torch.no_grad():
+        assert clip.encode_image(torch.rand(1, 3, 224, 224)).shape == (1, 512)

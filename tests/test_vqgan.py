@@ -1,0 +1,170 @@
+"""VQGAN loading from taming-format YAML + ckpt, the inference API, and parity with taming."""
+
+import subprocess
+import sys
+import types
+
+import pytest
+import torch
+
+from conftest import TINY_DDCONFIG, lightning_checkpoint, save_lightning, write_taming_yaml
+from vqclip.checkpoints import CheckpointError
+from vqclip.models.vqgan import (VQGAN, VQGANConfig, clamp_with_grad, converted_path, load_vqgan,
+                                 read_vqgan_config)
+
+
+def tiny_config(gumbel=False):
+    # GumbelVQ needs z_channels == embed_dim (8); the VQ model may differ (4)
+    return VQGANConfig(kind="gumbel" if gumbel else "vq", embed_dim=8 if gumbel else 4,
+                       n_embed=16, ddconfig=dict(TINY_DDCONFIG))
+
+
+def write_tiny(tmp_path, gumbel=False, seed=0):
+    """A random-weight tiny VQGAN as taming writes it: <stem>.yaml + Lightning last.ckpt."""
+    torch.manual_seed(seed)
+    model = VQGAN(tiny_config(gumbel))
+    ckpt = save_lightning(lightning_checkpoint(model.state_dict()), tmp_path / "tiny.ckpt")
+    write_taming_yaml(tmp_path / "tiny.yaml", embed_dim=model.embed_dim, gumbel=gumbel)
+    return model, ckpt
+
+
+@pytest.mark.parametrize("gumbel", [False, True])
+def test_loads_taming_checkpoint_strictly_and_exposes_api(tmp_path, gumbel):
+    ref, ckpt = write_tiny(tmp_path, gumbel)
+    model = load_vqgan(ckpt)  # finds tiny.yaml beside the checkpoint
+    for key, value in ref.state_dict().items():
+        assert torch.equal(model.state_dict()[key], value), key
+    assert not any(p.requires_grad for p in model.parameters()) and not model.training
+    D = ref.embed_dim
+    assert model.downsample_factor == 2 and model.codebook.shape == (16, D)
+
+    image = torch.rand(2, 3, 32, 32)
+    z = model.encode(image)
+    assert z.shape == (2, D, 16, 16)
+    z_q = model.quantize_latents(z)
+    flat = z_q.movedim(1, -1).reshape(-1, 1, D)
+    gap = (flat - model.codebook).abs().amax(-1).min(-1).values  # distance to the closest code
+    assert gap.max() < 1e-6  # every vector is a code
+    out = model.decode(z_q)
+    assert out.shape == (2, 3, 32, 32) and out.min() >= 0 and out.max() <= 1
+
+
+def test_quantize_passes_gradient_straight_through(tmp_path):
+    _, ckpt = write_tiny(tmp_path)
+    model = load_vqgan(ckpt)
+    z = torch.randn(1, 4, 4, 4, requires_grad=True)
+    model.quantize_latents(z).sum().backward()
+    assert torch.equal(z.grad, torch.ones_like(z))
+
+
+def test_clamp_with_grad_passes_only_inward_gradients():
+    x = torch.tensor([-0.5, 0.5, 1.5], requires_grad=True)
+    y = clamp_with_grad(x)
+    assert torch.equal(y.detach(), torch.tensor([0.0, 0.5, 1.0]))
+    (y * torch.tensor([1.0, 1.0, 1.0])).sum().backward()  # descent would lower every value
+    assert torch.equal(x.grad, torch.tensor([0.0, 1.0, 1.0]))  # ...which pushes -0.5 further out
+
+
+def test_key_mismatch_names_missing_and_unexpected_keys(tmp_path):
+    ref, _ = write_tiny(tmp_path)
+    sd = ref.state_dict()
+    sd["quant_conv.extra"] = sd.pop("quant_conv.bias")
+    save_lightning(lightning_checkpoint(sd), tmp_path / "tiny.ckpt")
+    with pytest.raises(CheckpointError, match=r"missing keys \(1\): quant_conv.bias.*unexpected keys \(1\): quant_conv.extra"):
+        load_vqgan(tmp_path / "tiny.ckpt", convert=False)
+
+
+def test_shape_mismatch_is_a_clear_error(tmp_path):
+    _, ckpt = write_tiny(tmp_path)
+    write_taming_yaml(tmp_path / "big.yaml", n_embed=32)
+    with pytest.raises(CheckpointError, match="tiny.ckpt.*quantize.embedding.weight"):
+        load_vqgan(ckpt, tmp_path / "big.yaml", convert=False)
+
+
+def test_gumbel_needs_matching_channels(tmp_path):
+    write_taming_yaml(tmp_path / "g.yaml", embed_dim=4, gumbel=True)
+    with pytest.raises(ValueError, match="z_channels == embed_dim"):
+        read_vqgan_config(tmp_path / "g.yaml")
+
+
+def test_config_errors(tmp_path):
+    _, ckpt = write_tiny(tmp_path)
+    (tmp_path / "tiny.yaml").unlink()
+    with pytest.raises(ValueError, match="no config given"):
+        load_vqgan(ckpt)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  target: taming.models.cond_transformer.Net2NetTransformer\n  params: {}\n")
+    with pytest.raises(ValueError, match="unsupported model.target.*GumbelVQ"):
+        load_vqgan(ckpt, bad)
+    with pytest.raises(FileNotFoundError):
+        load_vqgan(tmp_path / "absent.ckpt")
+    with pytest.raises(ValueError, match="unknown VQGAN 'nonsense'.*imagenet_f16_16384"):
+        load_vqgan("nonsense")
+
+
+def test_safetensors_conversion_happens_once_and_is_used(tmp_path, isolated_cache, monkeypatch):
+    ref, ckpt = write_tiny(tmp_path)
+    load_vqgan(ckpt)
+    converted = converted_path(ckpt, isolated_cache)
+    assert converted.is_file()
+
+    import vqclip.models.vqgan as vqgan_module
+
+    real = vqgan_module.read_state_dict
+    monkeypatch.setattr(vqgan_module, "read_state_dict",
+                        lambda p: real(p) if str(p).endswith(".safetensors") else pytest.fail("re-read the pickle"))
+    again = load_vqgan(ckpt)
+    assert all(torch.equal(again.state_dict()[k], v) for k, v in ref.state_dict().items())
+    # the converted file stands alone: its header carries the config
+    alone = load_vqgan(converted)
+    assert alone.config == ref.config
+
+
+def test_import_has_no_side_effects_and_loading_avoids_lightning(tmp_path):
+    _, ckpt = write_tiny(tmp_path)
+    code = (
+        "import sys, vqclip\n"
+        "heavy = [m for m in ('torch', 'open_clip', 'taming', 'kornia') if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+        f"vqclip.load_vqgan({str(ckpt)!r}, convert=False)\n"
+        "bad = [m for m in sys.modules if m.startswith(('pytorch_lightning', 'lightning', 'taming.models', 'taming.main'))]\n"
+        "assert not bad, bad\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def _import_taming_models():
+    """taming.models imports `taming.main` (gone from Lightning 2) for instantiate_from_config.
+
+    Test-only shim: instantiate_from_config builds an Identity for the loss and temperature
+    scheduler, which the comparison never uses.
+    """
+    shim = types.ModuleType("taming.main")
+    shim.instantiate_from_config = lambda config: torch.nn.Identity()
+    sys.modules.setdefault("taming.main", shim)
+    from taming.models.vqgan import GumbelVQ, VQModel
+
+    return VQModel, GumbelVQ
+
+
+@pytest.mark.parametrize("gumbel", [False, True])
+def test_decode_matches_taming_vqmodel(tmp_path, gumbel):
+    VQModel, GumbelVQ = _import_taming_models()
+    _, ckpt = write_tiny(tmp_path, gumbel, seed=1)
+    ours = load_vqgan(ckpt, convert=False)
+    params = dict(ddconfig=dict(TINY_DDCONFIG), lossconfig={}, n_embed=16, embed_dim=ours.embed_dim)
+    theirs = GumbelVQ(temperature_scheduler_config={}, **params) if gumbel else VQModel(**params)
+    theirs.load_state_dict(ours.state_dict(), strict=True)
+    theirs.eval()
+
+    torch.manual_seed(2)
+    z = ours.codebook[torch.randint(0, 16, (2, 8, 8))].movedim(-1, 1)  # (2, D, 8, 8) codes
+    with torch.no_grad():
+        expected = ((theirs.decode(z) + 1) / 2).clamp(0, 1)
+        got = ours.decode(z)
+    inside = ((expected > 0) & (expected < 1)).float().mean()
+    assert inside > 0.2, "the comparison would be vacuous if the clamp flattened most pixels"
+    assert (got - expected).abs().max() <= 1e-5
+    if not gumbel:  # the quantizer agrees too
+        h = torch.randn(2, 4, 8, 8)
+        assert torch.allclose(ours.quantize_latents(h), theirs.quantize(h)[0], atol=1e-6)
