@@ -168,3 +168,78 @@ def test_decode_matches_taming_vqmodel(tmp_path, gumbel):
     if not gumbel:  # the quantizer agrees too
         h = torch.randn(2, 4, 8, 8)
         assert torch.allclose(ours.quantize_latents(h), theirs.quantize(h)[0], atol=1e-6)
+
+
+# The released imagenet_f16_16384 configs/model.yaml, verbatim (its sha256 is pinned in the registry).
+OFFICIAL_16384_YAML = """\
+model:
+  base_learning_rate: 4.5e-06
+  target: taming.models.vqgan.VQModel
+  params:
+    embed_dim: 256
+    n_embed: 16384
+    monitor: val/rec_loss
+    ddconfig:
+      double_z: false
+      z_channels: 256
+      resolution: 256
+      in_channels: 3
+      out_ch: 3
+      ch: 128
+      ch_mult:
+      - 1
+      - 1
+      - 2
+      - 2
+      - 4
+      num_res_blocks: 2
+      attn_resolutions:
+      - 16
+      dropout: 0.0
+    lossconfig:
+      target: taming.modules.losses.vqperceptual.VQLPIPSWithDiscriminator
+      params:
+        disc_conditional: false
+        disc_in_channels: 3
+        disc_start: 0
+        disc_weight: 0.75
+        disc_num_layers: 2
+        codebook_weight: 1.0
+
+"""
+
+
+def test_official_yaml_text_matches_the_pinned_hash():
+    import hashlib
+
+    from vqclip.pretrained import VQGAN_MODELS
+
+    pinned = VQGAN_MODELS["imagenet_f16_16384"]["files"]["config"]
+    assert hashlib.sha256(OFFICIAL_16384_YAML.encode()).hexdigest() == pinned.sha256
+    assert len(OFFICIAL_16384_YAML.encode()) == pinned.size
+
+
+def test_full_size_imagenet_f16_16384_round_trip(tmp_path, isolated_cache):
+    """The real architecture with random weights, saved as taming released it, loads back."""
+    from taming.modules.discriminator.model import NLayerDiscriminator
+
+    yaml = tmp_path / "model.yaml"
+    yaml.write_text(OFFICIAL_16384_YAML)
+    cfg = read_vqgan_config(yaml)
+    torch.manual_seed(0)
+    ref = VQGAN(cfg)
+    sd = dict(ref.state_dict())
+    disc = NLayerDiscriminator(input_nc=3, n_layers=2)  # disc_num_layers: 2, as in the YAML
+    sd.update({f"loss.discriminator.{k}": v for k, v in disc.state_dict().items()})
+    ckpt = save_lightning(lightning_checkpoint(sd, extra_loss_keys=False), tmp_path / "last.ckpt")
+    del ref, disc
+
+    model = load_vqgan(ckpt, yaml)
+    assert model.codebook.shape == (16384, 256) and model.downsample_factor == 16
+    assert torch.equal(model.state_dict()["quantize.embedding.weight"], sd["quantize.embedding.weight"])
+    assert converted_path(ckpt, isolated_cache).is_file()
+    again = load_vqgan(ckpt, yaml)  # now from the safetensors copy
+    assert torch.equal(again.state_dict()["decoder.conv_out.weight"], sd["decoder.conv_out.weight"])
+    with torch.no_grad():
+        image = model.decode(model.codebook[torch.randint(0, 16384, (1, 2, 2))].movedim(-1, 1))
+    assert image.shape == (1, 3, 32, 32) and torch.isfinite(image).all()

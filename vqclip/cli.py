@@ -31,11 +31,10 @@ def cmd_models(args: argparse.Namespace) -> int:
         print(json.dumps(rows, indent=2))
         return 0
     width = max(len(r["name"]) for r in rows)
-    print(f"{'NAME':<{width}}  {'FAMILY':<6}  {'SIZE':>9}  {'SHA256':<8}  LOCAL")
+    print(f"{'NAME':<{width}}  {'FAMILY':<6}  {'SIZE':>9}  {'CHECK':<6}  LOCAL")
     for r in rows:
         local = r["path"] or "not downloaded"
-        check = "pinned" if r["verified"] else "size"
-        print(f"{r['name']:<{width}}  {r['family']:<6}  {_size(r['size']):>9}  {check:<8}  {local}")
+        print(f"{r['name']:<{width}}  {r['family']:<6}  {_size(r['size']):>9}  {r['check']:<6}  {local}")
     print("\nGet one with `vqclip download NAME`; details: `vqclip models --json`.")
     return 0
 

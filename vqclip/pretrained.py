@@ -293,6 +293,14 @@ def _verify(remote: RemoteFile, part: Path, dest: Path) -> None:
         log.info("%s: no published sha256; size %d bytes", dest.name, got_size)
 
 
+def _check(files) -> str:
+    """How a download of these files is verified: "sha256", "size", or "none"."""
+    files = list(files)
+    if all(f.sha256 for f in files):
+        return "sha256"
+    return "size" if all(f.size for f in files) else "none"
+
+
 def list_models(cache_dir: str | Path | None = None) -> list[dict]:
     """One row per registry entry: name, family, description, license, and local path or None."""
     rows = []
@@ -304,7 +312,7 @@ def list_models(cache_dir: str | Path | None = None) -> list[dict]:
                 "name": name, "family": family, "description": entry["description"],
                 "license": entry["license"],
                 "size": sum(sizes) if None not in sizes else None,
-                "verified": all(f.sha256 for f in entry["files"].values()),
+                "check": _check(entry["files"].values()),
                 "path": str(next(iter(local.values())).parent) if local else None,
             })
     return rows
