@@ -1,12 +1,20 @@
 """Safe checkpoint reading: tensors come back, code in the pickle never runs."""
 
 import os
+import pickle
+import zipfile
 
 import pytest
 import torch
-
 from conftest import lightning_checkpoint, save_lightning
-from vqclip.checkpoints import CheckpointError, Inert, read_checkpoint, read_state_dict, save_safetensors
+
+from vqclip.checkpoints import (
+    CheckpointError,
+    Inert,
+    read_checkpoint,
+    read_state_dict,
+    save_safetensors,
+)
 
 
 class CreatesFile:
@@ -69,7 +77,7 @@ def test_payload_inside_state_dict_is_refused_and_never_runs(tmp_path):
 def test_lightning_objects_load_but_weights_only_refuses(tmp_path):
     ckpt = save_lightning(lightning_checkpoint({"enc.w": torch.randn(4, 4)}, extra_loss_keys=False),
                           tmp_path / "last.ckpt")
-    with pytest.raises(Exception):
+    with pytest.raises(pickle.UnpicklingError):
         torch.load(ckpt, weights_only=True)
     obj = read_checkpoint(ckpt)
     assert obj["global_step"] == 1000
@@ -132,3 +140,17 @@ def test_safetensors_round_trip_shared_storage_and_corruption(tmp_path):
     path.write_bytes(path.read_bytes()[:40])
     with pytest.raises(CheckpointError, match="w.safetensors"):
         read_state_dict(path)
+
+
+def test_storage_of_an_unknown_type_is_refused(tmp_path):
+    path = tmp_path / "m.ckpt"
+    torch.save({"w": torch.ones(2)}, path)
+    with zipfile.ZipFile(path) as z:  # rewrite through zipfile: the CRC covers data.pkl
+        members = {n: z.read(n) for n in z.namelist()}
+    pkl = next(n for n in members if n.endswith("data.pkl"))
+    members[pkl] = members[pkl].replace(b"FloatStorage", b"EvilxStorage")
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as z:
+        for name, content in members.items():
+            z.writestr(name, content)
+    with pytest.raises(CheckpointError, match="m.ckpt.*unknown storage type"):
+        read_checkpoint(path)

@@ -45,7 +45,7 @@ def test_download_from_a_local_server_then_models_shows_it(server, monkeypatch, 
     assert (isolated_cache / "test-model" / "last.ckpt").stat().st_size == 5000
     capsys.readouterr()
     main(["models"])
-    line = next(l for l in capsys.readouterr().out.splitlines() if l.startswith("test-model"))
+    line = next(row for row in capsys.readouterr().out.splitlines() if row.startswith("test-model"))
     assert str(isolated_cache / "test-model") in line
 
 

@@ -49,7 +49,8 @@ def test_custom_config_loads_from_safetensors_frozen_with_preprocessing(tiny_arc
     assert images.grad is not None and images.grad.abs().sum() > 0
 
 
-def test_registry_entry_for_a_custom_arch_sets_mean_std(tiny_arch, tiny_weights, monkeypatch, isolated_cache):
+def test_registry_entry_for_a_custom_arch_sets_mean_std(tiny_arch, tiny_weights, monkeypatch,
+                                                       isolated_cache):
     """The path the bundled models take: a registry entry, its file in the cache, its own mean/std."""
     name = f"{tiny_arch}/test"
     monkeypatch.setitem(pretrained.CLIP_MODELS, name, {

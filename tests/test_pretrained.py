@@ -6,8 +6,16 @@ import socket
 import pytest
 
 from vqclip import pretrained
-from vqclip.pretrained import (ChecksumError, DownloadError, RemoteFile, download, download_file,
-                               get_cache_dir, list_models, resolve)
+from vqclip.pretrained import (
+    ChecksumError,
+    DownloadError,
+    RemoteFile,
+    download,
+    download_file,
+    get_cache_dir,
+    list_models,
+    resolve,
+)
 
 PAYLOAD = bytes(range(256)) * 4096  # 1 MiB, several read chunks
 SHA = hashlib.sha256(PAYLOAD).hexdigest()
@@ -141,3 +149,10 @@ def test_project_checkpoints_folder_is_searched(tmp_path, monkeypatch):
 def test_unknown_name_lists_the_registry():
     with pytest.raises(ValueError, match="unknown model 'nope'.*imagenet_f16_16384.*ViT-B-32/openai"):
         download("nope")
+
+
+def test_a_wrong_sized_file_in_place_is_fetched_again(server, tmp_path):
+    server.files["/w.bin"] = PAYLOAD
+    (tmp_path / "w.bin").write_bytes(b"<html>Link does not exist.</html>")  # what some hosts serve
+    remote = RemoteFile(server.url + "/w.bin", "w.bin", SHA, len(PAYLOAD))
+    assert download_file(remote, tmp_path / "w.bin", progress=False).read_bytes() == PAYLOAD

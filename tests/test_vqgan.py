@@ -6,11 +6,22 @@ import types
 
 import pytest
 import torch
+from conftest import (
+    TINY_DDCONFIG,
+    lightning_checkpoint,
+    save_lightning,
+    write_taming_yaml,
+)
 
-from conftest import TINY_DDCONFIG, lightning_checkpoint, save_lightning, write_taming_yaml
 from vqclip.checkpoints import CheckpointError
-from vqclip.models.vqgan import (VQGAN, VQGANConfig, clamp_with_grad, converted_path, load_vqgan,
-                                 read_vqgan_config)
+from vqclip.models.vqgan import (
+    VQGAN,
+    VQGANConfig,
+    clamp_with_grad,
+    converted_path,
+    load_vqgan,
+    read_vqgan_config,
+)
 
 
 def tiny_config(gumbel=False):
@@ -70,7 +81,8 @@ def test_key_mismatch_names_missing_and_unexpected_keys(tmp_path):
     sd = ref.state_dict()
     sd["quant_conv.extra"] = sd.pop("quant_conv.bias")
     save_lightning(lightning_checkpoint(sd), tmp_path / "tiny.ckpt")
-    with pytest.raises(CheckpointError, match=r"missing keys \(1\): quant_conv.bias.*unexpected keys \(1\): quant_conv.extra"):
+    match = r"missing keys \(1\): quant_conv.bias.*unexpected keys \(1\): quant_conv.extra"
+    with pytest.raises(CheckpointError, match=match):
         load_vqgan(tmp_path / "tiny.ckpt", convert=False)
 
 
@@ -111,8 +123,11 @@ def test_safetensors_conversion_happens_once_and_is_used(tmp_path, isolated_cach
     import vqclip.models.vqgan as vqgan_module
 
     real = vqgan_module.read_state_dict
-    monkeypatch.setattr(vqgan_module, "read_state_dict",
-                        lambda p: real(p) if str(p).endswith(".safetensors") else pytest.fail("re-read the pickle"))
+    def only_safetensors(path):
+        assert str(path).endswith(".safetensors"), f"re-read the pickle {path}"
+        return real(path)
+
+    monkeypatch.setattr(vqgan_module, "read_state_dict", only_safetensors)
     again = load_vqgan(ckpt)
     assert all(torch.equal(again.state_dict()[k], v) for k, v in ref.state_dict().items())
     # the converted file stands alone: its header carries the config
@@ -127,7 +142,8 @@ def test_import_has_no_side_effects_and_loading_avoids_lightning(tmp_path):
         "heavy = [m for m in ('torch', 'open_clip', 'taming', 'kornia') if m in sys.modules]\n"
         "assert not heavy, heavy\n"
         f"vqclip.load_vqgan({str(ckpt)!r}, convert=False)\n"
-        "bad = [m for m in sys.modules if m.startswith(('pytorch_lightning', 'lightning', 'taming.models', 'taming.main'))]\n"
+        "banned = ('pytorch_lightning', 'lightning', 'taming.models', 'taming.main')\n"
+        "bad = [m for m in sys.modules if m.startswith(banned)]\n"
         "assert not bad, bad\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -127,8 +127,10 @@ class _RestrictedUnpickler(pickle.Unpickler):
         if not (isinstance(pid, tuple) and pid and pid[0] == "storage"):
             raise pickle.UnpicklingError(f"unsupported persistent id {pid!r}")
         storage_type, key = pid[1], str(pid[2])
+        if not isinstance(storage_type, _StorageType):
+            raise pickle.UnpicklingError(f"unknown storage type {storage_type!r}")
         if key not in self._storages:
-            dtype = storage_type.dtype if isinstance(storage_type, _StorageType) else torch.uint8
+            dtype = storage_type.dtype
             raw = bytearray(self._archive.read(f"{self._prefix}data/{key}"))
             flat = torch.frombuffer(raw, dtype=dtype) if raw else torch.empty(0, dtype=dtype)
             if self._byteorder != "little" and dtype.itemsize > 1:  # written on a big-endian machine

@@ -54,7 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="vqclip", description="Text-to-image generation guided by CLIP (VQGAN+CLIP).")
     parser.add_argument("--version", action="version", version=f"vqclip {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
-    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors; no progress bars")
+    parser.add_argument("-q", "--quiet", action="store_true",
+                        help="only warnings and errors; no progress bars")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("models", help="list the weight registry and what is present locally")

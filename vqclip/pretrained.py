@@ -147,7 +147,7 @@ def find_local(name: str, cache_dir: str | Path | None = None) -> dict[str, Path
         folder = root / _local_dir(name)
         paths = {key: folder / f.filename for key, f in entry["files"].items()}
         if all(p.is_file() and (f.size is None or p.stat().st_size == f.size)
-               for p, f in zip(paths.values(), entry["files"].values())):
+               for p, f in zip(paths.values(), entry["files"].values(), strict=True)):
             return paths
     return None
 
@@ -228,7 +228,11 @@ def download_file(remote: RemoteFile, dest: str | Path, progress: bool = True,
 
     dest = Path(dest)
     if dest.is_file():
-        return dest
+        if remote.size is None or dest.stat().st_size == remote.size:
+            return dest
+        log.warning("%s has %d bytes, expected %d; downloading it again",
+                    dest, dest.stat().st_size, remote.size)
+        dest.unlink()
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
     have = part.stat().st_size if part.exists() else 0

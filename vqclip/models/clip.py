@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from ..checkpoints import load_strict, read_state_dict
+from ..device import resolve_device
 
 __all__ = ["CLIP", "load_clip", "register_clip_config"]
 
@@ -150,7 +151,7 @@ def load_clip(arch: str, pretrained: str | Path | None = None, *, device: str | 
         if "logit_scale" in sd and sd["logit_scale"].ndim != model.logit_scale.ndim:
             sd["logit_scale"] = sd["logit_scale"].reshape(model.logit_scale.shape)
         load_strict(model, sd, weights, what=f"CLIP {arch}")
-    model = model.eval().requires_grad_(False).to(device)
+    model = model.eval().requires_grad_(False).to(resolve_device(device))
 
     pp = open_clip.get_model_preprocess_cfg(model)
     size = pp["size"]
@@ -170,7 +171,7 @@ def _unknown_tag_message(arch: str, tag: str) -> str:
     ours = [n.split("/", 1)[1] for n in CLIP_MODELS if n.startswith(f"{arch}/")]
     theirs = open_clip.list_pretrained_tags_by_model(arch)
     msg = f"no registry weights {arch}/{tag}"
-    msg += f"; vqclip's registry has: {', '.join(ours)}" if ours else "; vqclip's registry has none for this architecture"
+    msg += f"; vqclip's registry has: {', '.join(ours) or 'none for this architecture'}"
     if tag in theirs:
         msg += (f". open_clip knows {arch}/{tag}: download its weights file (see "
                 f"open_clip.get_pretrained_cfg({arch!r}, {tag!r})) and pass its path instead")

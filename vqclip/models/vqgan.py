@@ -25,7 +25,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..checkpoints import load_strict, read_safetensors_metadata, read_state_dict, save_safetensors
+from ..checkpoints import (
+    load_strict,
+    read_safetensors_metadata,
+    read_state_dict,
+    save_safetensors,
+)
+from ..device import resolve_device
 
 __all__ = ["VQGAN", "VQGANConfig", "clamp_with_grad", "load_vqgan", "read_vqgan_config"]
 
@@ -254,7 +260,7 @@ def load_vqgan(name_or_path: str | Path, config: str | Path | None = None, *,
 
     model = VQGAN(cfg)
     load_strict(model, _model_state(sd), path, what="this VQGAN config")
-    return model.eval().requires_grad_(False).to(device)
+    return model.eval().requires_grad_(False).to(resolve_device(device))
 
 
 def _embedded_config(path: Path) -> VQGANConfig:
