@@ -260,8 +260,11 @@ def save_safetensors(state_dict: dict[str, torch.Tensor], path: str | Path,
 
 
 def load_strict(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], source: str | Path,
-                what: str = "this model") -> None:
+                what: str = "this model", assign: bool = False) -> None:
     """``model.load_state_dict(strict=True)`` with an error that names the mismatched keys.
+
+    ``assign=True`` adopts the given tensors instead of copying into the model's own, which lets
+    a model built on the meta device skip allocating and initializing weights it would discard.
 
     Raises:
         CheckpointError: keys missing or unexpected, or a tensor of the wrong shape.
@@ -276,7 +279,7 @@ def load_strict(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], sou
     if problems:
         raise CheckpointError(f"{source}: weights do not fit {what}; " + "; ".join(problems))
     try:
-        model.load_state_dict(state_dict, strict=True)
+        model.load_state_dict(state_dict, strict=True, assign=assign)
     except RuntimeError as e:  # shape mismatches; torch lists them one per line
         detail = next((line.strip() for line in str(e).splitlines()[1:] if line.strip()), str(e))
         raise CheckpointError(f"{source}: weights do not fit {what}; {detail}") from None

@@ -258,8 +258,10 @@ def load_vqgan(name_or_path: str | Path, config: str | Path | None = None, *,
             if target is not None:
                 _try_convert(sd, cfg, target)
 
-    model = VQGAN(cfg)
-    load_strict(model, _model_state(sd), path, what="this VQGAN config")
+    with torch.device("meta"):  # no memory, no random init: every weight is replaced next
+        model = VQGAN(cfg)
+    sd = {k: v.float() if v.is_floating_point() else v for k, v in _model_state(sd).items()}
+    load_strict(model, sd, path, what="this VQGAN config", assign=True)
     return model.eval().requires_grad_(False).to(resolve_device(device))
 
 
