@@ -9,6 +9,7 @@ import torch
 from conftest import lightning_checkpoint, save_lightning
 
 from vqclip.checkpoints import (
+    _ALLOWED,
     CheckpointError,
     Inert,
     read_checkpoint,
@@ -152,5 +153,89 @@ def test_storage_of_an_unknown_type_is_refused(tmp_path):
     with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as z:
         for name, content in members.items():
             z.writestr(name, content)
-    with pytest.raises(CheckpointError, match="m.ckpt.*unknown storage type"):
+    with pytest.raises(CheckpointError, match="m.ckpt.*unsupported persistent id"):
         read_checkpoint(path)
+
+
+# Hand-written pickles: what a malicious file could contain, beyond what torch.save writes.
+P = pickle
+
+
+def _glob(module, name):
+    return P.GLOBAL + f"{module}\n{name}\n".encode()
+
+
+def _str(text):
+    return P.SHORT_BINUNICODE + bytes([len(text)]) + text.encode()
+
+
+def _int_tuple(*values):
+    return P.MARK + b"".join(P.BININT + v.to_bytes(4, "little") for v in values) + P.TUPLE
+
+
+def _tensor(size, stride, key="0"):
+    """Opcodes that rebuild a float tensor over storage <key>, as torch.save writes them."""
+    storage = (P.MARK + _str("storage") + _glob("torch", "FloatStorage") + _str(key) + _str("cpu")
+               + P.BININT1 + b"\x04" + P.TUPLE + P.BINPERSID)
+    return (_glob("torch._utils", "_rebuild_tensor_v2") + P.MARK + storage + P.BININT1 + b"\x00"
+            + _int_tuple(*size) + _int_tuple(*stride) + P.NEWFALSE
+            + _glob("collections", "OrderedDict") + P.EMPTY_TUPLE + P.REDUCE + P.TUPLE + P.REDUCE)
+
+
+def _archive(path, body, data=b"\x00" * 16, compress=zipfile.ZIP_STORED):
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("archive/data.pkl", P.PROTO + b"\x04" + body + P.STOP)
+        z.writestr("archive/byteorder", "little")
+        z.writestr(zipfile.ZipInfo("archive/data/0"), data, compress_type=compress)
+    return path
+
+
+def test_hand_written_tensor_record_reads(tmp_path):
+    path = _archive(tmp_path / "ok.ckpt", _tensor((2, 2), (2, 1)), data=torch.arange(4.0).numpy().tobytes())
+    assert torch.equal(read_checkpoint(path), torch.arange(4.0).reshape(2, 2))
+
+
+@pytest.mark.parametrize("body, reason", [
+    # ADDITEMS calls obj.add(item): on a real tensor that is tensor.add, which allocates
+    (_tensor((4,), (1,)) + P.MARK + P.BININT1 + b"\x01" + P.ADDITEMS, "has no attribute 'add'"),
+    # SETITEM would call tensor.__setitem__; BUILD would call Tensor.__setstate__
+    (_tensor((4,), (1,)) + P.BININT1 + b"\x00" + P.BININT1 + b"\x01" + P.SETITEM, "item assignment"),
+    (_tensor((4,), (1,)) + P.EMPTY_DICT + _str("x") + P.NONE + P.SETITEM + P.BUILD, "__dict__"),
+    # BUILD with slot state would setattr on our own functions, e.g. their __defaults__
+    (_glob("_codecs", "encode") + P.NONE + P.EMPTY_DICT + _str("__defaults__") + _str("punycode")
+     + P.TUPLE1 + P.SETITEM + P.TUPLE2 + P.BUILD, "no attribute '__defaults__'"),
+    # codecs other than latin1 can cost quadratic time (punycode) or worse
+    (_glob("_codecs", "encode") + _str("abc") + _str("punycode") + P.TUPLE2 + P.REDUCE, "latin1"),
+    # a stride-0 view of one element claiming 2**29: 2 GiB once copied, from a tiny file
+    (_tensor((2 ** 29,), (0,)), "does not fit its storage"),
+    (_tensor((5,), (1,)), "does not fit its storage"),
+])
+def test_hostile_pickles_are_refused(tmp_path, body, reason):
+    with pytest.raises(CheckpointError, match=reason):
+        read_checkpoint(_archive(tmp_path / "evil.ckpt", body))
+    assert _ALLOWED[("_codecs", "encode")]("x") == b"x"  # our callables are unchanged
+
+
+def test_compressed_members_are_refused(tmp_path):
+    path = _archive(tmp_path / "bomb.ckpt", _tensor((4,), (1,)), compress=zipfile.ZIP_DEFLATED)
+    with pytest.raises(CheckpointError, match="bomb.ckpt: compressed"):
+        read_checkpoint(path)
+
+
+def test_only_the_state_dict_tensors_are_built(tmp_path):
+    path = tmp_path / "m.ckpt"
+    torch.save({"state_dict": {"w": torch.ones(2)}, "optimizer_states": [torch.zeros(1000)]}, path)
+    with zipfile.ZipFile(path) as z:
+        stored = [n for n in z.namelist() if "/data/" in n]
+    assert len(stored) == 2
+    import vqclip.checkpoints as ckpt_module
+
+    reads = []
+    real = ckpt_module._Materializer.storage
+    monkey = pytest.MonkeyPatch()
+    monkey.setattr(ckpt_module._Materializer, "storage", lambda self, ref: reads.append(ref) or real(self, ref))
+    try:
+        assert set(read_state_dict(path)) == {"w"}
+    finally:
+        monkey.undo()
+    assert len(reads) == 1
