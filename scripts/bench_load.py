@@ -60,7 +60,7 @@ def main():
         print(f"checkpoint: {ckpt.stat().st_size / 2**20:.0f} MiB, {len(sd)} tensors")
 
         def first():
-            converted_path(ckpt, cache).unlink(missing_ok=True)
+            converted_path(ckpt, cache, read_vqgan_config(yaml)).unlink(missing_ok=True)
             load_vqgan(ckpt, yaml, cache_dir=cache)
 
         rows = [

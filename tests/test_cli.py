@@ -67,3 +67,11 @@ def test_console_script_and_module_entry_points(tmp_path):
         result = subprocess.run(cmd, capture_output=True, text=True)
         assert result.returncode == (0 if "models" in cmd else 2), result.stderr
         assert "Traceback" not in result.stderr
+
+
+def test_unusable_cache_dir_is_a_one_line_error(tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    assert main(["download", "imagenet_f16_1024", "--cache-dir", str(blocker / "sub")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("vqclip: error:") and err.count("\n") == 1

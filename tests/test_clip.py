@@ -121,3 +121,11 @@ def test_full_size_vit_b_32_openai_from_the_cache_gets_quick_gelu(isolated_cache
     assert torch.equal(clip.model.state_dict()["visual.proj"], sd["visual.proj"])
     with torch.no_grad():
         assert clip.encode_image(torch.rand(1, 3, 224, 224)).shape == (1, 512)
+
+
+def test_registry_tag_wins_over_a_folder_of_that_name(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "openai").mkdir()
+    monkeypatch.setenv("VQCLIP_OFFLINE", "1")
+    with pytest.raises(pretrained.DownloadError, match="vqclip download ViT-B-32/openai"):
+        load_clip("ViT-B-32", "openai")

@@ -156,3 +156,37 @@ def test_a_wrong_sized_file_in_place_is_fetched_again(server, tmp_path):
     (tmp_path / "w.bin").write_bytes(b"<html>Link does not exist.</html>")  # what some hosts serve
     remote = RemoteFile(server.url + "/w.bin", "w.bin", SHA, len(PAYLOAD))
     assert download_file(remote, tmp_path / "w.bin", progress=False).read_bytes() == PAYLOAD
+
+
+def test_a_complete_partial_file_is_finished_on_416(server, tmp_path):
+    server.files["/w.bin"] = PAYLOAD
+    (tmp_path / "w.bin.part").write_bytes(PAYLOAD)  # interrupted just before the rename
+    remote = RemoteFile(server.url + "/w.bin", "w.bin", SHA, len(PAYLOAD))
+    assert download_file(remote, tmp_path / "w.bin", progress=False).read_bytes() == PAYLOAD
+    assert server.requests == [("/w.bin", f"bytes={len(PAYLOAD)}-")]
+
+
+def test_force_discards_file_and_partial_file(server, monkeypatch, isolated_cache):
+    server.files.update({"/model.yaml": b"model: {}\n", "/last.ckpt": PAYLOAD})
+    name = _register(monkeypatch, server.url)
+    folder = isolated_cache / name
+    folder.mkdir(parents=True)
+    (folder / "model.yaml").write_bytes(b"old")
+    (folder / "last.ckpt.part").write_bytes(b"garbage that must not be resumed")
+    download(name, progress=False, force=True)
+    assert (folder / "model.yaml").read_bytes() == b"model: {}\n"
+    assert (folder / "last.ckpt").read_bytes() == PAYLOAD
+    assert all(rng is None for _, rng in server.requests)
+
+
+def test_offline_mode_uses_files_in_the_checkpoints_folder(server, tmp_path, monkeypatch):
+    server.files.update({"/model.yaml": b"x", "/last.ckpt": PAYLOAD})
+    monkeypatch.setattr(pretrained, "PROJECT_CHECKPOINTS", tmp_path / "checkpoints")
+    name = _register(monkeypatch, server.url)
+    folder = tmp_path / "checkpoints" / name
+    folder.mkdir(parents=True)
+    (folder / "model.yaml").write_text("x")
+    (folder / "last.ckpt").write_bytes(PAYLOAD)
+    monkeypatch.setenv("VQCLIP_OFFLINE", "1")
+    assert download(name, progress=False)["ckpt"] == folder / "last.ckpt"
+    assert server.requests == []

@@ -117,7 +117,7 @@ def test_config_errors(tmp_path):
 def test_safetensors_conversion_happens_once_and_is_used(tmp_path, isolated_cache, monkeypatch):
     ref, ckpt = write_tiny(tmp_path)
     load_vqgan(ckpt)
-    converted = converted_path(ckpt, isolated_cache)
+    converted = converted_path(ckpt, isolated_cache, ref.config)
     assert converted.is_file()
 
     import vqclip.models.vqgan as vqgan_module
@@ -253,9 +253,50 @@ def test_full_size_imagenet_f16_16384_round_trip(tmp_path, isolated_cache):
     model = load_vqgan(ckpt, yaml)
     assert model.codebook.shape == (16384, 256) and model.downsample_factor == 16
     assert torch.equal(model.state_dict()["quantize.embedding.weight"], sd["quantize.embedding.weight"])
-    assert converted_path(ckpt, isolated_cache).is_file()
+    assert converted_path(ckpt, isolated_cache, cfg).is_file()
     again = load_vqgan(ckpt, yaml)  # now from the safetensors copy
     assert torch.equal(again.state_dict()["decoder.conv_out.weight"], sd["decoder.conv_out.weight"])
     with torch.no_grad():
         image = model.decode(model.codebook[torch.randint(0, 16384, (1, 2, 2))].movedim(-1, 1))
     assert image.shape == (1, 3, 32, 32) and torch.isfinite(image).all()
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"num_res_blocks": 8000}, r"num_res_blocks=8000 \(an integer in 1..16\)"),
+    ({"channels": 3}, r"unknown ddconfig keys \['channels'\]"),
+    ({"ch_mult": "1,2"}, "ch_mult"),
+])
+def test_hostile_or_broken_configs_are_refused_before_building(tmp_path, change, message):
+    from vqclip.checkpoints import save_safetensors
+
+    cfg = tiny_config()
+    cfg.ddconfig.update(change)
+    path = save_safetensors({"w": torch.zeros(1)}, tmp_path / "x.safetensors",
+                            {"vqclip.vqgan_config": cfg.to_json()})
+    with pytest.raises(ValueError, match=message):
+        load_vqgan(path)
+
+
+def test_conversion_follows_content_not_name_or_mtime(tmp_path, isolated_cache):
+    import os
+
+    ref, ckpt = write_tiny(tmp_path, seed=0)
+    load_vqgan(ckpt)
+    stat = ckpt.stat()
+    (tmp_path / "other").mkdir()
+    other, _ = write_tiny(tmp_path / "other", seed=1)
+    save_lightning(lightning_checkpoint(other.state_dict()), ckpt)  # same size, new weights...
+    os.utime(ckpt, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # ...and the old mtime, as `cp -p` does
+    assert ckpt.stat().st_size == stat.st_size
+    loaded = load_vqgan(ckpt)
+    assert torch.equal(loaded.codebook, other.codebook) and not torch.equal(loaded.codebook, ref.codebook)
+
+
+def test_registry_name_wins_over_a_folder_of_that_name(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "imagenet_f16_16384").mkdir()
+    monkeypatch.setenv("VQCLIP_OFFLINE", "1")
+    from vqclip.pretrained import DownloadError
+
+    with pytest.raises(DownloadError, match="vqclip download imagenet_f16_16384"):
+        load_vqgan("imagenet_f16_16384")

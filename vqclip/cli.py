@@ -85,7 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=level, format="%(levelname)s: %(message)s")
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, CheckpointError, DownloadError) as e:
+    except (ValueError, OSError, CheckpointError, DownloadError) as e:
+        # user errors: bad names or values, missing or unwritable paths, no network
         print(f"vqclip: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

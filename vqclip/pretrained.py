@@ -129,11 +129,14 @@ def _entry(name: str) -> dict:
 
 def get_cache_dir(path: str | Path | None = None) -> Path:
     """The download cache: ``path``, else ``$VQCLIP_CACHE``, else ``~/.cache/vqclip``."""
-    if path is not None:
-        return Path(path).expanduser()
-    if os.environ.get("VQCLIP_CACHE"):
-        return Path(os.environ["VQCLIP_CACHE"]).expanduser()
-    return Path.home() / ".cache" / "vqclip"
+    try:
+        if path is not None:
+            return Path(path).expanduser()
+        if os.environ.get("VQCLIP_CACHE"):
+            return Path(os.environ["VQCLIP_CACHE"]).expanduser()
+        return Path.home() / ".cache" / "vqclip"
+    except RuntimeError as e:  # "~nosuchuser/..."
+        raise ValueError(f"cannot resolve the cache directory: {e}") from None
 
 
 def _local_dir(name: str) -> str:
@@ -178,7 +181,7 @@ def _missing_message(name: str, cache_dir: str | Path | None) -> str:
 
 def download(name: str, cache_dir: str | Path | None = None, progress: bool = True,
              force: bool = False) -> dict[str, Path]:
-    """Fetch every file of a registry entry into the cache; present files are kept.
+    """Fetch every file of a registry entry into the cache; files already present are used.
 
     Offline mode (``VQCLIP_OFFLINE=1``) never touches the network.
 
@@ -188,14 +191,18 @@ def download(name: str, cache_dir: str | Path | None = None, progress: bool = Tr
         ValueError: unknown name. DownloadError / ChecksumError: see messages.
     """
     entry = _entry(name)
-    if os.environ.get("VQCLIP_OFFLINE") == "1" and (force or find_local(name, cache_dir) is None):
+    found = None if force else find_local(name, cache_dir)
+    if found is not None:
+        return found
+    if os.environ.get("VQCLIP_OFFLINE") == "1":
         raise DownloadError("VQCLIP_OFFLINE=1: " + _missing_message(name, cache_dir))
     folder = get_cache_dir(cache_dir) / _local_dir(name)
     paths = {}
     for key, remote in entry["files"].items():
         dest = folder / remote.filename
-        if force and dest.exists():
-            dest.unlink()
+        if force:  # start over: neither the file nor a partial one is trusted
+            dest.unlink(missing_ok=True)
+            dest.with_name(dest.name + ".part").unlink(missing_ok=True)
         try:
             paths[key] = download_file(remote, dest, progress=progress)
         except DownloadError as e:

@@ -111,6 +111,7 @@ def load_clip(arch: str, pretrained: str | Path | None = None, *, device: str | 
 
     from .. import pretrained as registry
 
+    device = resolve_device(device)
     if pretrained is None and "/" in arch and arch in registry.CLIP_MODELS:
         arch, pretrained = arch.split("/", 1)
     if config is not None:
@@ -122,7 +123,9 @@ def load_clip(arch: str, pretrained: str | Path | None = None, *, device: str | 
     weights, quick_gelu, name, preprocess = None, False, arch, {}
     if pretrained is not None:
         path = Path(pretrained)
-        if path.suffix in _WEIGHT_SUFFIXES or path.exists():
+        tag = f"{arch}/{pretrained}"
+        if not (isinstance(pretrained, str) and tag in registry.CLIP_MODELS) and (
+                path.suffix in _WEIGHT_SUFFIXES or path.is_file() or len(path.parts) > 1):
             if not path.is_file():
                 raise FileNotFoundError(f"CLIP weights not found: {path}")
             weights, name = path, f"{arch}/{path.name}"
@@ -148,10 +151,11 @@ def load_clip(arch: str, pretrained: str | Path | None = None, *, device: str | 
         sd = read_state_dict(weights)
         if next(iter(sd)).startswith("module."):  # open_clip training checkpoints (DDP)
             sd = {k.removeprefix("module."): v for k, v in sd.items()}
-        if "logit_scale" in sd and sd["logit_scale"].ndim != model.logit_scale.ndim:
-            sd["logit_scale"] = sd["logit_scale"].reshape(model.logit_scale.shape)
+        scale = sd.get("logit_scale")
+        if scale is not None and scale.numel() == 1 and scale.ndim != model.logit_scale.ndim:
+            sd["logit_scale"] = scale.reshape(model.logit_scale.shape)  # 0-d vs 1-d across versions
         load_strict(model, sd, weights, what=f"CLIP {arch}")
-    model = model.eval().requires_grad_(False).to(resolve_device(device))
+    model = model.eval().requires_grad_(False).to(device)
 
     pp = open_clip.get_model_preprocess_cfg(model)
     size = pp["size"]

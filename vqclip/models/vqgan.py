@@ -55,8 +55,55 @@ class VQGANConfig:
         return json.dumps(self.__dict__, sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str) -> "VQGANConfig":
-        return cls(**json.loads(text))
+    def from_json(cls, text: str, source: str | Path = "config") -> "VQGANConfig":
+        try:
+            cfg = cls(**json.loads(text))
+        except (json.JSONDecodeError, TypeError) as e:
+            raise ValueError(f"{source}: not a VQGAN config ({e})") from None
+        return cfg.check(source)
+
+    def check(self, source: str | Path = "config") -> "VQGANConfig":
+        """Validate against what taming's modules accept, within sane bounds.
+
+        The bounds keep a tiny hostile config from asking for hours of compute or terabytes of
+        memory; every released VQGAN is far inside them.
+
+        Raises:
+            ValueError: naming the offending field.
+        """
+        dd = self.ddconfig
+        problems = []
+        if self.kind not in ("vq", "gumbel"):
+            problems.append(f"kind {self.kind!r}")
+        unknown = sorted(set(dd) - _DDCONFIG_KEYS)
+        missing = sorted(_DDCONFIG_REQUIRED - set(dd))
+        if unknown:
+            problems.append(f"unknown ddconfig keys {unknown}")
+        if missing:
+            problems.append(f"ddconfig lacks {missing}")
+        for name, value, top in [("embed_dim", self.embed_dim, 4096), ("n_embed", self.n_embed, 2 ** 20),
+                                 *[(f"ddconfig.{k}", dd.get(k), top) for k, top in _DDCONFIG_BOUNDS.items()]]:
+            if value is not None and not (type(value) is int and 0 < value <= top):
+                problems.append(f"{name}={value!r} (an integer in 1..{top})")
+        mult = dd.get("ch_mult", [])
+        if not (isinstance(mult, (list, tuple)) and 0 < len(mult) <= 8
+                and all(type(m) is int and 0 < m <= 16 for m in mult)):
+            problems.append(f"ddconfig.ch_mult={mult!r} (1 to 8 integers in 1..16)")
+        if self.kind == "gumbel" and dd.get("z_channels") != self.embed_dim:
+            # GumbelVQ projects quant_conv's embed_dim output with a conv built for z_channels
+            problems.append(f"a GumbelVQ needs ddconfig.z_channels == embed_dim, "
+                            f"got {dd.get('z_channels')} and {self.embed_dim}")
+        if problems:
+            raise ValueError(f"{source}: bad VQGAN config: " + "; ".join(problems))
+        return self
+
+
+# What taming's Encoder/Decoder take (they ignore unknown keys silently, so we do not).
+_DDCONFIG_REQUIRED = {"ch", "out_ch", "ch_mult", "num_res_blocks", "attn_resolutions",
+                      "in_channels", "resolution", "z_channels"}
+_DDCONFIG_KEYS = _DDCONFIG_REQUIRED | {"double_z", "dropout", "resamp_with_conv", "give_pre_end"}
+_DDCONFIG_BOUNDS = {"ch": 1024, "out_ch": 16, "in_channels": 16, "num_res_blocks": 16,
+                    "resolution": 8192, "z_channels": 4096}
 
 
 def read_vqgan_config(path: str | Path) -> VQGANConfig:
@@ -88,14 +135,12 @@ def read_vqgan_config(path: str | Path) -> VQGANConfig:
     missing = [k for k in ("embed_dim", "n_embed", "ddconfig") if k not in params]
     if missing:
         raise ValueError(f"{path}: model.params lacks {', '.join(missing)}")
-    cfg = VQGANConfig(kind=_TARGETS[target], embed_dim=int(params["embed_dim"]),
-                      n_embed=int(params["n_embed"]), ddconfig=dict(params["ddconfig"]),
+    if not isinstance(params["ddconfig"], dict):
+        raise ValueError(f"{path}: model.params.ddconfig must be a mapping")
+    cfg = VQGANConfig(kind=_TARGETS[target], embed_dim=params["embed_dim"],
+                      n_embed=params["n_embed"], ddconfig=dict(params["ddconfig"]),
                       kl_weight=float(params.get("kl_weight", 1e-8)))
-    if cfg.kind == "gumbel" and cfg.ddconfig.get("z_channels") != cfg.embed_dim:
-        # GumbelVQ projects quant_conv's embed_dim output with a conv built for z_channels
-        raise ValueError(f"{path}: a GumbelVQ needs ddconfig.z_channels == embed_dim, "
-                         f"got {cfg.ddconfig.get('z_channels')} and {cfg.embed_dim}")
-    return cfg
+    return cfg.check(path)
 
 
 class _ClampWithGrad(torch.autograd.Function):
@@ -198,10 +243,18 @@ def _model_state(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v for k, v in sd.items() if not k.startswith("loss.")}
 
 
-def converted_path(ckpt: Path, cache_dir: Path) -> Path:
-    """Where the safetensors conversion of ``ckpt`` lives in the cache."""
-    st = ckpt.stat()
-    key = hashlib.sha256(f"{ckpt.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()
+def converted_path(ckpt: Path, cache_dir: Path, config: VQGANConfig) -> Path:
+    """Where the safetensors conversion of ``ckpt`` (read with ``config``) lives in the cache.
+
+    The key is the file's size and its last MiB, which in a torch zip archive holds the central
+    directory with the CRC-32 of every tensor record: a content fingerprint that costs one read
+    instead of hashing a gigabyte. Copies of one file share a conversion; edits do not.
+    """
+    size = ckpt.stat().st_size
+    with open(ckpt, "rb") as f:
+        f.seek(max(0, size - (1 << 20)))
+        tail = f.read()
+    key = hashlib.sha256(f"{size}|{config.to_json()}|".encode() + tail).hexdigest()
     return cache_dir / "converted" / f"{ckpt.stem}-{key[:16]}.safetensors"
 
 
@@ -228,17 +281,20 @@ def load_vqgan(name_or_path: str | Path, config: str | Path | None = None, *,
     """
     from .. import pretrained
 
+    device = resolve_device(device)
     cache = pretrained.get_cache_dir(cache_dir)
-    path = Path(name_or_path)
-    if not path.exists() and str(name_or_path) in pretrained.VQGAN_MODELS:
-        files = pretrained.resolve(str(name_or_path), cache_dir=cache, allow_download=download)
+    if isinstance(name_or_path, str) and name_or_path in pretrained.VQGAN_MODELS:
+        files = pretrained.resolve(name_or_path, cache_dir=cache, allow_download=download)
         path, config = files["ckpt"], config or files["config"]
-    elif not path.exists():
-        if path.suffix in (".ckpt", ".safetensors", ".pt", ".pth") or "/" in str(name_or_path):
-            raise FileNotFoundError(f"VQGAN checkpoint not found: {path}")
-        raise ValueError(f"unknown VQGAN {str(name_or_path)!r}; available: "
-                         f"{', '.join(pretrained.VQGAN_MODELS)} (or a path to a .ckpt/.safetensors)")
+    else:
+        path = Path(name_or_path)
+        if not path.is_file():
+            if path.suffix in (".ckpt", ".safetensors", ".pt", ".pth") or len(path.parts) > 1:
+                raise FileNotFoundError(f"VQGAN checkpoint not found: {path}")
+            raise ValueError(f"unknown VQGAN {str(name_or_path)!r}; available: "
+                             f"{', '.join(pretrained.VQGAN_MODELS)} (or a .ckpt/.safetensors path)")
 
+    target = None
     if path.suffix == ".safetensors":
         cfg = read_vqgan_config(config) if config else _embedded_config(path)
         sd = read_state_dict(path)
@@ -247,29 +303,29 @@ def load_vqgan(name_or_path: str | Path, config: str | Path | None = None, *,
             config = path.with_suffix(".yaml")
             if not config.is_file():
                 raise ValueError(f"{path}: no config given and no {config.name} beside it; "
-                                 "pass the taming YAML (--vqgan-config)")
+                                 "pass the taming YAML as config")
         cfg = read_vqgan_config(config)
-        target = converted_path(path, cache) if convert else None
+        target = converted_path(path, cache, cfg) if convert else None
         if target is not None and target.is_file():
             log.info("reading %s (converted from %s)", target, path)
-            sd = read_state_dict(target)
+            sd, target = read_state_dict(target), None
         else:
-            sd = _model_state(read_state_dict(path))
-            if target is not None:
-                _try_convert(sd, cfg, target)
+            sd = read_state_dict(path)
 
     with torch.device("meta"):  # no memory, no random init: every weight is replaced next
         model = VQGAN(cfg)
     sd = {k: v.float() if v.is_floating_point() else v for k, v in _model_state(sd).items()}
     load_strict(model, sd, path, what="this VQGAN config", assign=True)
-    return model.eval().requires_grad_(False).to(resolve_device(device))
+    if target is not None:  # only weights that loaded strictly are worth keeping
+        _try_convert(model.state_dict(), cfg, target)
+    return model.eval().requires_grad_(False).to(device)
 
 
 def _embedded_config(path: Path) -> VQGANConfig:
     meta = read_safetensors_metadata(path)
     if "vqclip.vqgan_config" not in meta:
         raise ValueError(f"{path}: no VQGAN config in this file's header; pass the taming YAML")
-    return VQGANConfig.from_json(meta["vqclip.vqgan_config"])
+    return VQGANConfig.from_json(meta["vqclip.vqgan_config"], source=path)
 
 
 def _try_convert(sd: dict[str, torch.Tensor], cfg: VQGANConfig, target: Path) -> None:
