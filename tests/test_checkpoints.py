@@ -209,6 +209,8 @@ def test_hand_written_tensor_record_reads(tmp_path):
     # a stride-0 view of one element claiming 2**29: 2 GiB once copied, from a tiny file
     (_tensor((2 ** 29,), (0,)), "does not fit its storage"),
     (_tensor((5,), (1,)), "does not fit its storage"),
+    # hashing a dict key of tuples nested a million deep would crash CPython itself
+    (P.EMPTY_DICT + P.EMPTY_TUPLE + P.TUPLE1 * 1_000_000 + P.NONE + P.SETITEM, "nested more than 100"),
 ])
 def test_hostile_pickles_are_refused(tmp_path, body, reason):
     with pytest.raises(CheckpointError, match=reason):

@@ -143,10 +143,32 @@ _ALLOWED = {
 }
 
 
+_MAX_TUPLE_DEPTH = 100  # checkpoints nest a few levels; hashing a million crashes CPython
+
+
+def _depth_checked(load):
+    # Hashing a tuple recurses in C without a limit, so a dict key nested a million tuples deep
+    # would crash the process; track each tuple's depth as it is built and refuse deep ones.
+    def load_tuple(self):
+        load(self)
+        t = self.stack[-1]
+        depth = 1 + max((self.depths.get(id(x), 1) for x in t if type(x) is tuple), default=0)
+        if depth > _MAX_TUPLE_DEPTH:
+            raise pickle.UnpicklingError(f"tuples nested more than {_MAX_TUPLE_DEPTH} deep")
+        self.depths[id(t)] = depth
+    return load_tuple
+
+
 class _RestrictedUnpickler(pickle._Unpickler):  # the pure-Python one: its memo is a dict
+    dispatch = dict(pickle._Unpickler.dispatch)
+    for _op in (pickle.TUPLE, pickle.TUPLE1, pickle.TUPLE2, pickle.TUPLE3):
+        dispatch[_op[0]] = _depth_checked(pickle._Unpickler.dispatch[_op[0]])
+    del _op
+
     def __init__(self, file):
         super().__init__(file)
         self.refused: set[str] = set()
+        self.depths: dict[int, int] = {}
 
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) in _ALLOWED:
