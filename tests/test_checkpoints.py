@@ -241,3 +241,15 @@ def test_only_the_state_dict_tensors_are_built(tmp_path):
     finally:
         monkey.undo()
     assert len(reads) == 1
+
+
+def test_big_endian_archives_are_refused_clearly(tmp_path):
+    path = _archive(tmp_path / "be.ckpt", _tensor((4,), (1,)))
+    with zipfile.ZipFile(path) as z:
+        members = {n: z.read(n) for n in z.namelist()}
+    members["archive/byteorder"] = b"big"
+    with zipfile.ZipFile(path, "w") as z:
+        for name, content in members.items():
+            z.writestr(name, content)
+    with pytest.raises(CheckpointError, match="be.ckpt: written on a big-endian machine"):
+        read_checkpoint(path)
