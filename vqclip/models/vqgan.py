@@ -255,7 +255,8 @@ def converted_path(ckpt: Path, cache_dir: Path, config: VQGANConfig) -> Path:
         f.seek(max(0, size - (1 << 20)))
         tail = f.read()
     key = hashlib.sha256(f"{size}|{config.to_json()}|".encode() + tail).hexdigest()
-    return cache_dir / "converted" / f"{ckpt.stem}-{key[:16]}.safetensors"
+    # the folder names the model: every official release is called last.ckpt
+    return cache_dir / "converted" / f"{ckpt.parent.name}--{ckpt.stem}-{key[:16]}.safetensors"
 
 
 def load_vqgan(name_or_path: str | Path, config: str | Path | None = None, *,
