@@ -342,21 +342,22 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return dict(sd)
 
 
-def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def _read_safetensors(path: Path, tensors: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     from safetensors import SafetensorError, safe_open
 
     if not path.is_file():
         raise FileNotFoundError(f"weights not found: {path}")
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+            weights = {k: f.get_tensor(k) for k in f.keys()} if tensors else {}
+            return weights, dict(f.metadata() or {})
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"{path}: truncated or corrupt safetensors file ({e})") from None
 
 
 def read_safetensors_metadata(path: str | Path) -> dict[str, str]:
-    """The string metadata stored in a safetensors header."""
-    return _read_safetensors(Path(path))[1]
+    """The string metadata stored in a safetensors header; the tensors are not read."""
+    return _read_safetensors(Path(path), tensors=False)[1]
 
 
 def save_safetensors(state_dict: dict[str, torch.Tensor], path: str | Path,

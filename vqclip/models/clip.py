@@ -130,7 +130,7 @@ def load_clip(arch: str, pretrained: str | Path | None = None, *, device: str | 
                 raise FileNotFoundError(f"CLIP weights not found: {path}")
             weights, name = path, f"{arch}/{path.name}"
         else:
-            name = f"{arch}/{pretrained}"
+            name = tag
             if name not in registry.CLIP_MODELS:
                 raise ValueError(_unknown_tag_message(arch, str(pretrained)))
             entry = registry.CLIP_MODELS[name]
