@@ -5,7 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import sys
+import time
+from pathlib import Path
 
 from . import __version__
 
@@ -49,14 +52,119 @@ def cmd_download(args: argparse.Namespace) -> int:
     return 0
 
 
+_OVERRIDE = re.compile(r"^[A-Za-z_][\w.]*=")
+
+
+def _run_folder(prompt: str) -> Path:
+    """A new folder under outputs/ named by date and a slug of the prompt."""
+    slug = re.sub(r"[^a-z0-9]+", "-", prompt.lower().split("|")[0]).strip("-")[:40].strip("-")
+    base = Path("outputs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{slug or 'image'}"
+    folder, n = base, 1
+    while folder.exists():
+        n += 1
+        folder = base.with_name(f"{base.name}-{n}")
+    return folder
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from .config import FLAT_KEYS, load_config
+    from .generate import GenerationInterrupted, Generator
+
+    prompts = [a for a in args.rest if not _OVERRIDE.match(a)]
+    overrides = [a for a in args.rest if _OVERRIDE.match(a)]
+    if len(prompts) > 1:
+        raise ValueError(f"one prompt only, got {len(prompts)} words: quote it, e.g. "
+                         f"vqclip generate \"{' '.join(prompts)}\"")
+    flags = {k: getattr(args, k) for k in FLAT_KEYS if getattr(args, k, None) is not None}
+    if prompts:
+        flags["prompt"] = prompts[0]
+    cfg = load_config(preset=args.preset, files=[args.config] if args.config else (),
+                      overrides=overrides, **flags)
+    if cfg.output.path is None:  # a fresh run folder; never overwrites anything
+        cfg.output.path = str(_run_folder(cfg.prompts.text) / "final.png")
+
+    start = time.perf_counter()
+    gen = Generator.load(cfg)
+    log.info("models loaded in %.1f s on %s", time.perf_counter() - start, gen.device)
+    try:
+        result = gen.generate(progress=not args.quiet)
+    except GenerationInterrupted as e:
+        for path in e.result.files:
+            print(path)
+        print(f"vqclip: interrupted after {e.result.steps_done} steps; kept the image and video "
+              "made so far", file=sys.stderr)
+        return 130
+    for path in result.files:
+        print(path)
+    t = result.timings
+    log.info("%d steps in %.1f s (%.3f s/step), seed %d", result.steps_done, t["steps"],
+             t["per_step"], result.seeds[0])
+    return 0
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, exit 2, as for every other user error
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _add_generate(sub) -> None:
+    from .config import AUGMENTS, OPTIMIZERS
+
+    p = sub.add_parser(
+        "generate", help="make an image from a text prompt",
+        description="Optimize VQGAN latents so that CLIP matches the prompts. Settings: the preset, "
+                    "then --config, then flags, then key=value overrides (e.g. optim.lr=0.2).",
+        epilog="Prompt syntax: \"text:weight:stop|other:-0.5\"; only trailing numbers count, "
+               "\\: keeps a colon as text. Outputs go to a new folder under outputs/ unless "
+               "--output is given.")
+    p.add_argument("rest", nargs="*", metavar="PROMPT [key=value ...]",
+                   help="the text prompt, then config overrides")
+    p.add_argument("--preset", help="settings + model pair from configs/ (default: imagenet)")
+    p.add_argument("--config", metavar="YAML", help="a YAML file of settings")
+    g = p.add_argument_group("run")
+    g.add_argument("--steps", type=int)
+    g.add_argument("--seed", type=int, help="candidate k uses seed + k (default: random, recorded)")
+    g.add_argument("--size", type=int, nargs=2, metavar=("W", "H"),
+                   help="rounded to the VQGAN's factor (16 for the f16 models)")
+    g.add_argument("--candidates", type=int, metavar="K", help="independent images in one batch")
+    g.add_argument("--device", help="auto (default), cpu, cuda, cuda:N or mps")
+    g = p.add_argument_group("optimization")
+    g.add_argument("--lr", type=float)
+    g.add_argument("--optimizer", help=f"one of: {', '.join(OPTIMIZERS)}")
+    g.add_argument("--cutn", type=int, help="cutouts per image per step")
+    g.add_argument("--cut-pow", dest="cut_pow", type=float, help=">1 favours small cutouts")
+    g.add_argument("--augments", type=lambda s: [] if s == "none" else s.split(","),
+                   metavar="A,B", help=f"comma-separated, or none; from: {', '.join(AUGMENTS)}")
+    g = p.add_argument_group("prompts")
+    g.add_argument("--image-prompt", dest="image_prompts", action="append", metavar="PATH[:W]")
+    g.add_argument("--noise-prompt", dest="noise_prompts", action="append", metavar="SEED:W")
+    g.add_argument("--init-image", dest="init_image", metavar="PATH")
+    g.add_argument("--init-weight", dest="init_weight", type=float)
+    g = p.add_argument_group("models")
+    g.add_argument("--vqgan", metavar="NAME|CKPT")
+    g.add_argument("--vqgan-config", dest="vqgan_config", metavar="YAML")
+    g.add_argument("--clip", metavar="ARCH")
+    g.add_argument("--clip-pretrained", dest="clip_pretrained", metavar="TAG|PATH")
+    g.add_argument("--clip-config", dest="clip_config", metavar="JSON",
+                   help="open_clip model config for a custom architecture")
+    g = p.add_argument_group("output")
+    g.add_argument("--output", metavar="FILE.png", help="candidate k of several: FILE-k.png")
+    g.add_argument("--video", metavar="FILE.mp4|.gif")
+    g.add_argument("--save-every", dest="save_every", type=int, metavar="N",
+                   help="steps between video frames")
+    g.add_argument("--overwrite", action="store_const", const=True, help="replace existing files")
+    p.set_defaults(func=cmd_generate)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="vqclip", description="Text-to-image generation guided by CLIP (VQGAN+CLIP).")
     parser.add_argument("--version", action="version", version=f"vqclip {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     parser.add_argument("-q", "--quiet", action="store_true",
                         help="only warnings and errors; no progress bars")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_generate(sub)
 
     p = sub.add_parser("models", help="list the weight registry and what is present locally")
     p.add_argument("--json", action="store_true", help="machine-readable output")
@@ -80,15 +188,28 @@ def main(argv: list[str] | None = None) -> int:
     from .pretrained import DownloadError
 
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extras = parser.parse_known_args(argv)
+    if extras and (args.command != "generate" or any(e.startswith("-") for e in extras)):
+        parser.error(f"unrecognized arguments: {' '.join(extras)}")
+    if args.command == "generate":  # prompt words and key=value may come after options
+        args.rest += extras
+    # vqclip's own messages at the chosen level; other libraries' only when they are warnings
     level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
-    logging.basicConfig(level=level, format="%(levelname)s: %(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    logging.getLogger("vqclip").setLevel(level)
     try:
         return args.func(args)
     except (ValueError, OSError, CheckpointError, DownloadError) as e:
         # user errors: bad names or values, missing or unwritable paths, no network
         print(f"vqclip: error: {e}", file=sys.stderr)
         return 2
+    except RuntimeError as e:
+        from .generate import GenerationError
+
+        if not isinstance(e, GenerationError):
+            raise
+        print(f"vqclip: error: {e}", file=sys.stderr)  # NaN loss, out of memory
+        return 1
     except KeyboardInterrupt:
         print("vqclip: interrupted; partial downloads are kept and resume next time", file=sys.stderr)
         return 130

@@ -16,7 +16,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["CLIP_MODELS", "VQGAN_MODELS", "ChecksumError", "DownloadError", "RemoteFile",
+__all__ = ["CLIP_MODELS", "VQGAN_MODELS", "ChecksumError", "DownloadError", "RemoteFile", "require",
            "get_cache_dir", "download", "download_file", "list_models", "resolve"]
 
 log = logging.getLogger(__name__)
@@ -210,6 +210,40 @@ def download(name: str, cache_dir: str | Path | None = None, progress: bool = Tr
                 raise
             raise DownloadError(f"{e}. {_missing_message(name, cache_dir)}") from None
     return paths
+
+
+def require(names: list[str], cache_dir: str | Path | None = None, allow_download: bool = True,
+            progress: bool = True) -> None:
+    """Make sure the registry models among ``names`` are present, with one message for all.
+
+    Names that are not in the registry (file paths) are left to the loaders.
+
+    Raises:
+        DownloadError: some are missing and may not (offline) or could not be downloaded; the
+            message gives the one command that fetches them all.
+    """
+    known = [n for n in names if n in VQGAN_MODELS or n in CLIP_MODELS]
+    missing = [n for n in known if find_local(n, cache_dir) is None]
+    if not missing:
+        return
+    command = f"`vqclip download {' '.join(missing)}`"
+    reason = "they are not downloaded"
+    if not allow_download or os.environ.get("VQCLIP_OFFLINE") == "1":
+        reason += " and downloading is off" + (" (VQCLIP_OFFLINE=1)" if allow_download else "")
+    else:
+        try:
+            for name in missing:
+                download(name, cache_dir=cache_dir, progress=progress)
+            return
+        except ChecksumError:
+            raise
+        except DownloadError as e:
+            reason = str(e).split(". ")[0]
+    from .config import list_presets
+
+    hint = "; `--preset shapes` works offline" if "shapes" in list_presets() else ""
+    raise DownloadError(f"{' and '.join(missing)} needed: {reason}. Run {command} while online, "
+                        f"or put the files in {get_cache_dir(cache_dir)}{hint}")
 
 
 def sha256sum(path: Path) -> str:

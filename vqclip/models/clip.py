@@ -12,6 +12,7 @@ Shape:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -145,8 +146,9 @@ def load_clip(arch: str, pretrained: str | Path | None = None, *, device: str | 
 
     # OpenAI's weights were trained with QuickGELU; pairing them with GELU silently degrades
     # every embedding (open_clip#771), so the registry records it per entry.
-    model = open_clip.create_model(arch, pretrained=None, force_quick_gelu=quick_gelu,
-                                   force_preprocess_cfg=preprocess, device="cpu")
+    with _quiet_random_init(weights is not None):
+        model = open_clip.create_model(arch, pretrained=None, force_quick_gelu=quick_gelu,
+                                       force_preprocess_cfg=preprocess, device="cpu")
     if weights is not None:
         sd = read_state_dict(weights)
         if next(iter(sd)).startswith("module."):  # open_clip training checkpoints (DDP)
@@ -165,6 +167,21 @@ def load_clip(arch: str, pretrained: str | Path | None = None, *, device: str | 
         size = size[0]
     return CLIP(model=model, tokenizer=open_clip.get_tokenizer(arch), input_size=int(size),
                 mean=tuple(pp["mean"]), std=tuple(pp["std"]), name=name)
+
+
+@contextlib.contextmanager
+def _quiet_random_init(weights_follow: bool):
+    # open_clip warns on the root logger that the model "initialized randomly" whenever it loads
+    # no weights itself; ours are loaded right after, so the warning would be false.
+    def drop(record: logging.LogRecord) -> bool:
+        return not (weights_follow and "initialized randomly" in record.getMessage())
+
+    root = logging.getLogger()
+    root.addFilter(drop)
+    try:
+        yield
+    finally:
+        root.removeFilter(drop)
 
 
 def _unknown_tag_message(arch: str, tag: str) -> str:

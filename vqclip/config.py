@@ -1,0 +1,244 @@
+"""Generation settings: dataclasses are the schema, YAML presets and command lines override them.
+
+Merge order, later wins: the schema's defaults, the preset (``configs/<name>.yaml``), a config
+object or YAML files, keyword arguments, then ``key=value`` overrides. OmegaConf checks every key
+and type against the schema, so a typo fails instead of being ignored.
+
+Example:
+    >>> cfg = load_config(preset="imagenet", steps=50, overrides=["cutouts.cutn=16"])  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+__all__ = ["GenerateConfig", "PRESET_DIR", "OPTIMIZERS", "AUGMENTS", "check_config", "list_presets",
+           "load_config", "FLAT_KEYS"]
+
+PRESET_DIR = Path(__file__).resolve().parent.parent / "configs"
+DEFAULT_PRESET = "imagenet"
+OPTIMIZERS = ("adam", "adamw", "sgd", "radam", "rmsprop")
+AUGMENTS = ("affine", "perspective", "jitter", "erasing", "noise", "flip", "sharpness")
+MAX_SIDE = 4096  # pixels; beyond this a VQGAN decoder needs tens of GB for activations
+MAX_CANDIDATES = 64
+
+
+@dataclass
+class ModelsConfig:
+    vqgan: str = "imagenet_f16_16384"  # registry name or .ckpt/.safetensors path
+    vqgan_config: Optional[str] = None  # taming YAML, when not implied by the name or file
+    clip: str = "ViT-B-32"  # open_clip architecture
+    clip_pretrained: Optional[str] = "openai"  # registry tag or weights file
+    clip_config: Optional[str] = None  # open_clip model-config JSON for a custom architecture
+
+
+@dataclass
+class PromptsConfig:
+    text: str = ""  # "text:weight:stop|other text:-0.5"
+    images: list[str] = field(default_factory=list)  # "path[:weight]"
+    noise: list[str] = field(default_factory=list)  # "seed:weight"
+    init_image: Optional[str] = None
+    init_weight: float = 0.0  # pulls z toward its start (the init image's latents, or the random init)
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adam"
+    lr: float = 0.1
+    steps: int = 250
+
+
+@dataclass
+class CutoutsConfig:
+    cutn: int = 32
+    cut_pow: float = 1.0  # >1 favours small cutouts, <1 large ones
+    augments: list[str] = field(
+        default_factory=lambda: ["affine", "perspective", "jitter", "erasing", "noise"])
+
+
+@dataclass
+class OutputConfig:
+    path: Optional[str] = None  # final PNG (candidate k of K>1 goes to <stem>-<k>.png)
+    video: Optional[str] = None  # .mp4 or .gif
+    save_every: int = 10  # steps between video frames
+    overwrite: bool = False
+
+
+@dataclass
+class GenerateConfig:
+    seed: Optional[int] = None  # None: a random seed, recorded in the outputs
+    size: list[int] = field(default_factory=lambda: [256, 256])  # width, height
+    candidates: int = 1  # independent latents optimized in one batch; candidate k uses seed + k
+    device: str = "auto"
+    tv_weight: float = 0.0  # total-variation prior: favours flat regions
+    preset: Optional[str] = None  # informational: the preset these settings started from
+    models: ModelsConfig = field(default_factory=ModelsConfig)
+    prompts: PromptsConfig = field(default_factory=PromptsConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    cutouts: CutoutsConfig = field(default_factory=CutoutsConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+
+# Keyword arguments of the Python API and flags of the CLI, and the keys they set.
+FLAT_KEYS = {
+    "prompt": "prompts.text", "image_prompts": "prompts.images", "noise_prompts": "prompts.noise",
+    "init_image": "prompts.init_image", "init_weight": "prompts.init_weight",
+    "steps": "optim.steps", "lr": "optim.lr", "optimizer": "optim.name",
+    "cutn": "cutouts.cutn", "cut_pow": "cutouts.cut_pow", "augments": "cutouts.augments",
+    "vqgan": "models.vqgan", "vqgan_config": "models.vqgan_config", "clip": "models.clip",
+    "clip_pretrained": "models.clip_pretrained", "clip_config": "models.clip_config",
+    "output": "output.path", "video": "output.video", "save_every": "output.save_every",
+    "overwrite": "output.overwrite",
+    **{k: k for k in ("seed", "size", "candidates", "device", "tv_weight")},
+}
+
+
+def list_presets() -> list[str]:
+    """Names of the presets in ``configs/``."""
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def load_config(config: GenerateConfig | DictConfig | dict | None = None, *,
+                preset: str | None = None, files: tuple[str | Path, ...] = (),
+                overrides: tuple[str, ...] | list[str] = (), **kwargs: Any) -> DictConfig:
+    """Build a checked generation config.
+
+    Args:
+        config: a base config (dataclass, DictConfig or nested dict) applied over the preset.
+        preset: a name from :func:`list_presets`; ``"imagenet"`` when neither it nor ``config``
+            is given.
+        files: YAML files with overrides.
+        overrides: ``"key=value"`` strings, e.g. ``"optim.lr=0.2"``.
+        **kwargs: flat settings (``prompt``, ``steps``, ``lr``, ``cutn``, ``seed``...; see
+            ``FLAT_KEYS``).
+    Returns:
+        A DictConfig typed by :class:`GenerateConfig`.
+    Raises:
+        ValueError: unknown key, preset or name; wrong type; out-of-range value.
+        FileNotFoundError: a missing YAML file.
+    """
+    unknown = sorted(set(kwargs) - set(FLAT_KEYS))
+    if unknown:
+        raise ValueError(f"unknown setting {unknown[0]!r}; known: {', '.join(sorted(FLAT_KEYS))}")
+    if preset is None and config is None:
+        preset = DEFAULT_PRESET
+    layers: list[tuple[str, Any]] = []
+    if preset is not None:
+        layers.append((f"preset {preset!r}", _read_yaml(_preset_path(preset))))
+        layers.append(("preset", {"preset": preset}))
+    if config is not None:
+        layers.append(("config", config))
+    for path in files:
+        layers.append((str(path), _read_yaml(Path(path))))
+    given = {FLAT_KEYS[k]: _plain(v) for k, v in kwargs.items() if v is not None}
+    layers.append(("arguments", _nest(given)))
+    dotlist = []
+    for item in overrides:
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise ValueError(f"override {item!r} is not key=value")
+        dotlist.append(f"{FLAT_KEYS.get(key.strip(), key.strip())}={value}")  # steps=50 works too
+    layers.append(("overrides", dotlist))
+
+    cfg = OmegaConf.structured(GenerateConfig)
+    for source, layer in layers:
+        try:
+            if isinstance(layer, list):
+                layer = OmegaConf.from_dotlist(layer)
+            cfg = OmegaConf.merge(cfg, layer)
+        except OmegaConfBaseException as e:
+            raise ValueError(f"{source}: {_one_line(e)}") from None
+    check_config(cfg)
+    return cfg
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Raise ValueError naming the first setting that is out of range."""
+    def need(ok: bool, msg: str) -> None:
+        if not ok:
+            raise ValueError(msg)
+
+    need(len(cfg.size) == 2, f"size must be [width, height], got {list(cfg.size)}")
+    for side in cfg.size:
+        need(0 < side <= MAX_SIDE, f"size {list(cfg.size)}: each side must be in 1..{MAX_SIDE} pixels")
+    need(1 <= cfg.candidates <= MAX_CANDIDATES, f"candidates must be in 1..{MAX_CANDIDATES}, "
+                                                f"got {cfg.candidates}")
+    need(cfg.seed is None or 0 <= cfg.seed < 2**63, f"seed must be in 0..2**63-1, got {cfg.seed}")
+    need(cfg.optim.name in OPTIMIZERS, f"unknown optimizer {cfg.optim.name!r}; "
+                                       f"available: {', '.join(OPTIMIZERS)}")
+    need(cfg.optim.lr > 0, f"lr must be > 0, got {cfg.optim.lr}")
+    need(cfg.optim.steps >= 0, f"steps must be >= 0, got {cfg.optim.steps}")
+    need(cfg.cutouts.cutn >= 1, f"cutn must be >= 1, got {cfg.cutouts.cutn}")
+    need(cfg.cutouts.cut_pow > 0, f"cut_pow must be > 0, got {cfg.cutouts.cut_pow}")
+    for name in cfg.cutouts.augments:
+        need(name in AUGMENTS, f"unknown augmentation {name!r}; available: {', '.join(AUGMENTS)}")
+    need(cfg.prompts.init_weight >= 0, f"init_weight must be >= 0, got {cfg.prompts.init_weight}")
+    need(cfg.tv_weight >= 0, f"tv_weight must be >= 0, got {cfg.tv_weight}")
+    need(cfg.output.save_every >= 1, f"save_every must be >= 1, got {cfg.output.save_every}")
+    video = cfg.output.video
+    need(video is None or Path(video).suffix.lower() in (".mp4", ".gif"),
+         f"video {video!r}: the file name must end in .mp4 or .gif")
+    need(cfg.output.path is None or Path(cfg.output.path).suffix.lower() == ".png",
+         f"output {cfg.output.path!r}: the file name must end in .png")
+    # prompt syntax and input files: fail here, before minutes of model loading
+    from .prompts import parse_image_prompt, parse_noise_prompt, parse_text_prompts
+
+    parse_text_prompts(cfg.prompts.text)
+    for spec in cfg.prompts.noise:
+        parse_noise_prompt(spec)
+    paths = [parse_image_prompt(spec).value for spec in cfg.prompts.images]
+    from .images import load_image
+
+    for path in [*paths, *([cfg.prompts.init_image] if cfg.prompts.init_image else [])]:
+        load_image(path)  # FileNotFoundError, or ValueError if Pillow cannot read it
+
+
+def _preset_path(name: str) -> Path:
+    path = PRESET_DIR / f"{name}.yaml"
+    if not path.is_file():
+        raise ValueError(f"unknown preset {name!r}; available: {', '.join(list_presets()) or 'none'}"
+                         " (a YAML file of your own goes in --config)")
+    return path
+
+
+def _read_yaml(path: Path) -> DictConfig:
+    if not path.is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
+    try:
+        cfg = OmegaConf.load(path)
+    except Exception as e:  # yaml's parser errors have no common public base here
+        raise ValueError(f"{path}: not valid YAML ({_one_line(e)})") from None
+    if not isinstance(cfg, DictConfig):
+        raise ValueError(f"{path}: a config file must be a mapping of settings")
+    return cfg
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return list(value)
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def _nest(flat: dict[str, Any]) -> dict:
+    out: dict = {}
+    for key, value in flat.items():
+        *parents, leaf = key.split(".")
+        node = out
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return out
+
+
+def _one_line(e: Exception) -> str:
+    msg = getattr(e, "msg", None) or str(e)
+    line = msg.strip().splitlines()[0] if msg.strip() else type(e).__name__
+    key = getattr(e, "full_key", None)
+    return f"{line} (at {key})" if key else line

@@ -1,0 +1,377 @@
+"""The VQGAN+CLIP loop: optimize VQGAN latents so that CLIP sees the prompts in the decoded image.
+
+Each step, for a batch of K candidates at once:
+    1. snap the latents z to their nearest codes, passing the gradient straight through;
+    2. decode to an image, clamped to [0, 1] with gradients that point inward;
+    3. cut ``cutn`` random crops per candidate, resize them to CLIP's input, augment them;
+    4. embed them with CLIP (which normalizes with its mean/std);
+    5. sum each prompt's weighted spherical distance (plus the optional init and TV terms);
+    6. backpropagate into z, take an optimizer step, clamp z to the codebook's per-channel range.
+
+Candidate k draws its initial codes and its cutouts from its own stream seeded ``seed + k``,
+and its loss depends on nothing else, so it follows the run a single generation with that seed
+would, up to floating-point rounding in the batched forward.
+
+Example:
+    >>> gen = Generator.load(preset="imagenet", device="auto")  # doctest: +SKIP
+    >>> result = gen.generate("a lighthouse at dusk:1|blurry:-0.3", steps=100, seed=1)
+    >>> result.images[0].save("lighthouse.png")
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+from PIL import Image
+from tqdm.auto import tqdm
+
+from . import __version__
+from .config import GenerateConfig, load_config
+from .cutouts import MakeCutouts, SeedStreams
+from .images import load_image, save_png, to_pil, to_tensor
+from .losses import init_loss, prompt_loss, tv_loss
+from .prompts import (
+    Target,
+    embed_texts,
+    noise_target,
+    parse_image_prompt,
+    parse_noise_prompt,
+    parse_text_prompts,
+)
+from .video import VideoWriter, choose_fps
+
+__all__ = ["GenerationError", "GenerationInterrupted", "GenerationResult", "Generator", "generate"]
+
+log = logging.getLogger(__name__)
+
+Callback = Callable[[int, dict[str, Any]], None]
+
+
+class GenerationError(RuntimeError):
+    """The loop cannot go on: a non-finite loss, or out of memory."""
+
+
+class GenerationInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a run; ``.result`` holds the images as they were (already saved if asked)."""
+
+    def __init__(self, result: "GenerationResult"):
+        super().__init__(f"interrupted after {result.steps_done} steps")
+        self.result = result
+
+
+@dataclass
+class GenerationResult:
+    """What a run produced.
+
+    Attributes:
+        images: one PIL image per candidate.
+        tensor: the same, ``(K, 3, H, W)`` in [0, 1] on the CPU.
+        losses: ``(steps_done, K)``, each candidate's loss at every step (before that step's update).
+        seeds: candidate k's seed.
+        config: the resolved config (seed and rounded size filled in).
+        timings: seconds for ``setup`` (prompts, init), ``steps``, ``per_step`` and ``total``.
+        files: what was written (PNGs, sidecars, video).
+    """
+
+    images: list[Image.Image]
+    tensor: torch.Tensor
+    losses: torch.Tensor
+    seeds: list[int]
+    config: DictConfig
+    timings: dict[str, float]
+    steps_done: int
+    interrupted: bool = False
+    files: list[Path] = field(default_factory=list)
+
+    def info(self, k: int = 0) -> dict[str, Any]:
+        """Candidate k's record: prompt, seed, models and the full resolved config."""
+        c = self.config
+        return {"prompt": c.prompts.text, "seed": self.seeds[k], "candidate": k,
+                "vqgan": c.models.vqgan, "clip": f"{c.models.clip}/{c.models.clip_pretrained}",
+                "steps_done": self.steps_done, "interrupted": self.interrupted,
+                "vqclip_version": __version__, "config": OmegaConf.to_container(c)}
+
+    def save(self, path: str | Path) -> list[Path]:
+        """Write each candidate as a PNG with its record in text chunks, plus a ``.yaml`` sidecar.
+
+        Candidate k of K > 1 goes to ``<stem>-<k>.png``. Every file is written atomically.
+        """
+        written = []
+        for k, path_k in enumerate(candidate_paths(path, len(self.images))):
+            path_k.parent.mkdir(parents=True, exist_ok=True)
+            info = self.info(k)
+            text = {key: OmegaConf.to_yaml(value) if isinstance(value, dict) else str(value)
+                    for key, value in info.items()}
+            written.append(save_png(self.images[k], path_k, text))
+            sidecar = path_k.with_suffix(".yaml")
+            tmp = sidecar.with_name(f".{sidecar.name}.tmp-{os.getpid()}")
+            tmp.write_text(OmegaConf.to_yaml(info))
+            os.replace(tmp, sidecar)
+            written.append(sidecar)
+        self.files.extend(written)
+        return written
+
+
+def candidate_paths(path: str | Path, k: int) -> list[Path]:
+    """``path`` for one candidate; ``<stem>-0.png`` ... ``<stem>-(k-1).png`` for several."""
+    path = Path(path)
+    return [path] if k == 1 else [path.with_name(f"{path.stem}-{i}{path.suffix}") for i in range(k)]
+
+
+def make_optimizer(name: str, params: list[torch.Tensor], lr: float) -> torch.optim.Optimizer:
+    """One of ``config.OPTIMIZERS`` over ``params``."""
+    make = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "radam": torch.optim.RAdam,
+            "rmsprop": torch.optim.RMSprop,
+            "sgd": lambda p, lr: torch.optim.SGD(p, lr=lr, momentum=0.9)}
+    return make[name](params, lr=lr)
+
+
+class Generator:
+    """A loaded VQGAN and CLIP, reusable for many generations.
+
+    Args:
+        vqgan, clip: loaded models, on the same device.
+        config: the defaults for :meth:`generate` (its ``models`` section must name these models).
+    """
+
+    def __init__(self, vqgan, clip, config: DictConfig | None = None):
+        self.vqgan, self.clip = vqgan, clip
+        self.config = config if config is not None else OmegaConf.structured(GenerateConfig)
+        self.device = clip.device
+
+    @classmethod
+    def load(cls, config: DictConfig | dict | None = None, *, preset: str | None = None,
+             download: bool = True, **kwargs: Any) -> "Generator":
+        """Load the models a config names (``preset="imagenet"`` by default).
+
+        Args:
+            config, preset, **kwargs: as for :func:`vqclip.config.load_config`; they become the
+                defaults of every :meth:`generate` call.
+            download: fetch registry weights that are not in the cache yet.
+        Raises:
+            ValueError, FileNotFoundError, vqclip.pretrained.DownloadError: see messages.
+        """
+        from .device import resolve_device
+        from .models.clip import load_clip
+        from .models.vqgan import load_vqgan
+        from .pretrained import require
+
+        cfg = load_config(config, preset=preset, **kwargs)
+        m = cfg.models
+        device = resolve_device(cfg.device)
+        require([m.vqgan, f"{m.clip}/{m.clip_pretrained}"], allow_download=download)
+        vqgan = load_vqgan(m.vqgan, m.vqgan_config, device=device, download=download)
+        clip = load_clip(m.clip, m.clip_pretrained, device=device, download=download,
+                         config=m.clip_config)
+        cfg.device = str(device)
+        return cls(vqgan, clip, cfg)
+
+    def generate(self, config: DictConfig | dict | None = None, *, callback: Callback | None = None,
+                 progress: bool = False, overrides: list[str] = (), **kwargs: Any) -> GenerationResult:
+        """Run the loop.
+
+        Args:
+            config: a full config; by default this generator's, with ``kwargs`` over it.
+            callback: called as ``callback(step, {"image", "loss", "z"})`` before each update, with
+                the decoded images ``(K, 3, H, W)``, the losses ``(K,)`` and the latents.
+            progress: show a tqdm bar with the loss.
+            overrides, **kwargs: ``"key=value"`` strings and flat settings (``prompt``, ``steps``,
+                ``seed``, ``size``, ``cutn``, ...; see ``vqclip.config.FLAT_KEYS``).
+        Returns:
+            A :class:`GenerationResult`. If ``output.path``/``output.video`` are set, they are written.
+        Raises:
+            ValueError, FileNotFoundError: bad settings or inputs. FileExistsError: an output exists
+            (set ``overwrite``). GenerationError: NaN loss or out of memory.
+            GenerationInterrupted: Ctrl-C; ``.result`` has what was made, saved as configured.
+        """
+        cfg = load_config(config if config is not None else self.config, overrides=overrides,
+                          **kwargs)
+        if OmegaConf.to_container(cfg.models) != OmegaConf.to_container(self.config.models):
+            raise ValueError(f"this Generator holds {self.config.models.vqgan} + "
+                             f"{self.config.models.clip}; load another for {cfg.models.vqgan} + "
+                             f"{cfg.models.clip}")
+        cfg.device = str(self.device)
+        with _memory_errors(cfg):
+            return self._run(cfg, callback, progress)
+
+    def _run(self, cfg: DictConfig, callback: Callback | None, progress: bool) -> GenerationResult:
+        t0 = time.perf_counter()
+        if not (cfg.prompts.text.strip() or cfg.prompts.images or cfg.prompts.noise):
+            raise ValueError("nothing to aim for: give a text prompt, an image prompt or a noise "
+                             "prompt")
+        cfg.size = [self._round_side(s) for s in cfg.size]
+        if cfg.seed is None:
+            cfg.seed = int.from_bytes(os.urandom(4), "little") >> 1
+        outputs = _planned_outputs(cfg)
+        K, steps = cfg.candidates, cfg.optim.steps
+        seeds = [cfg.seed + k for k in range(K)]
+        streams = SeedStreams(seeds)
+        cutouts = MakeCutouts(self.clip.input_size, cfg.cutouts.cutn, cfg.cutouts.cut_pow,
+                              cfg.cutouts.augments)
+        targets = self._targets(cfg, cutouts)
+        z = self._init_latents(cfg, streams).requires_grad_()  # (K, D, h, w)
+        z_init = z.detach().clone()
+        codebook = self.vqgan.codebook
+        lo = codebook.min(0).values.view(1, -1, 1, 1)
+        hi = codebook.max(0).values.view(1, -1, 1, 1)
+        opt = make_optimizer(cfg.optim.name, [z], cfg.optim.lr)
+        video = None
+        if cfg.output.video:
+            frames = len(range(0, steps, cfg.output.save_every)) + 1
+            video = VideoWriter(cfg.output.video, fps=choose_fps(frames))
+        t1 = time.perf_counter()
+
+        losses, interrupted = [], False
+        bar = tqdm(total=steps, disable=not progress, desc="generate", unit="step", leave=False)
+        try:
+            with video or contextlib.nullcontext():
+                try:
+                    for step in range(steps):
+                        image, loss = self._step(cfg, step, z, z_init, opt, cutouts, streams, targets)
+                        torch.clamp_(z.data, lo, hi)
+                        losses.append(loss.cpu())
+                        bar.update()
+                        bar.set_postfix(loss=f"{loss.mean().item():.4f}")
+                        if video is not None and step % cfg.output.save_every == 0:
+                            video.append(_frame(image))
+                        if callback is not None:
+                            callback(step, {"image": image, "loss": loss, "z": z.detach()})
+                except KeyboardInterrupt:
+                    interrupted = True  # keep what was made: the current image, the video so far
+                with torch.no_grad():
+                    final = self.vqgan.decode(self.vqgan.quantize_latents(z.clamp(lo, hi)))
+                if video is not None:
+                    video.append(_frame(final))
+        finally:
+            bar.close()
+        t2 = time.perf_counter()
+
+        result = GenerationResult(
+            images=[to_pil(im) for im in final], tensor=final.cpu(),
+            losses=torch.stack(losses) if losses else torch.empty(0, K), seeds=seeds, config=cfg,
+            timings={"setup": t1 - t0, "steps": t2 - t1, "per_step": (t2 - t1) / max(1, len(losses)),
+                     "total": t2 - t0}, steps_done=len(losses), interrupted=interrupted)
+        if video is not None and video.count:
+            result.files.append(video.path)
+        if cfg.output.path:
+            result.save(outputs[0])
+        if interrupted:
+            raise GenerationInterrupted(result)
+        return result
+
+    def _step(self, cfg, step, z, z_init, opt, cutouts, streams, targets):
+        opt.zero_grad(set_to_none=True)
+        image = self.vqgan.decode(self.vqgan.quantize_latents(z))  # (K, 3, H, W) in [0, 1]
+        cuts = []
+        for k in range(z.shape[0]):
+            with streams.use(k):
+                cuts.append(cutouts(image[k:k + 1]))  # (cutn, 3, S, S)
+        embeds = self.clip.encode_image(torch.cat(cuts))  # (K * cutn, D)
+        embeds = embeds.view(z.shape[0], cfg.cutouts.cutn, -1)  # (K, cutn, D)
+        loss = sum(prompt_loss(embeds, t.embeds, t.weight, t.stop) for t in targets)  # (K,)
+        if cfg.prompts.init_weight:
+            loss = loss + cfg.prompts.init_weight * init_loss(z, z_init)
+        if cfg.tv_weight:
+            loss = loss + cfg.tv_weight * tv_loss(image)
+        if not torch.isfinite(loss).all():
+            raise GenerationError(
+                f"the loss became {loss.tolist()} at step {step}: stopped "
+                f"instead of saving a broken image; try a lower lr (now {cfg.optim.lr})")
+        loss.sum().backward()  # a sum: each candidate gets the gradient of its own loss
+        opt.step()
+        return image.detach(), loss.detach()
+
+    def _round_side(self, side: int) -> int:
+        f = self.vqgan.downsample_factor
+        rounded = max(f, round(side / f) * f)
+        if rounded != side:
+            log.info("size %d rounded to %d: a multiple of this VQGAN's factor %d", side, rounded, f)
+        return rounded
+
+    def _targets(self, cfg: DictConfig, cutouts: MakeCutouts) -> list[Target]:
+        targets = embed_texts(self.clip, parse_text_prompts(cfg.prompts.text))
+        for spec in cfg.prompts.images:
+            prompt = parse_image_prompt(spec)
+            image = to_tensor(load_image(prompt.value, tuple(cfg.size))).to(self.device)
+            # the image's own cutouts, from a fixed stream: the same targets for every seed
+            with torch.no_grad(), SeedStreams([0]).use(0):
+                embeds = F.normalize(self.clip.encode_image(cutouts(image)), dim=-1)  # (cutn, D)
+            targets.append(Target(embeds, prompt.weight, prompt.stop, prompt.value))
+        dim = self.clip.model.visual.output_dim
+        targets += [noise_target(parse_noise_prompt(s), dim, self.device) for s in cfg.prompts.noise]
+        return targets
+
+    def _init_latents(self, cfg: DictConfig, streams: SeedStreams) -> torch.Tensor:
+        (w, h), f, K = cfg.size, self.vqgan.downsample_factor, cfg.candidates
+        if cfg.prompts.init_image:
+            image = to_tensor(load_image(cfg.prompts.init_image, (w, h))).to(self.device)
+            with torch.no_grad():
+                z = self.vqgan.encode(image)  # (1, D, h/f, w/f)
+            return z.expand(K, -1, -1, -1).clone()
+        codes = []
+        for k in range(K):  # random codes, from each candidate's own stream
+            with streams.use(k):
+                codes.append(torch.randint(self.vqgan.codebook.shape[0], (h // f, w // f)))
+        return self.vqgan.codebook[torch.stack(codes).to(self.device)].permute(0, 3, 1, 2).clone()
+
+
+def generate(config: DictConfig | dict | None = None, *, callback: Callback | None = None,
+             progress: bool = False, download: bool = True, **kwargs: Any) -> GenerationResult:
+    """Load the models a config names and run one generation (see :meth:`Generator.generate`).
+
+    Example:
+        >>> result = generate(prompt="a red circle", preset="shapes", steps=50)  # doctest: +SKIP
+    """
+    preset = kwargs.pop("preset", None)
+    gen = Generator.load(config, preset=preset, download=download, **kwargs)
+    return gen.generate(callback=callback, progress=progress)
+
+
+def _planned_outputs(cfg: DictConfig) -> list[Path]:
+    """The files a run will write; refuses to overwrite unless ``output.overwrite``."""
+    paths = candidate_paths(cfg.output.path, cfg.candidates) if cfg.output.path else []
+    planned = paths + [p.with_suffix(".yaml") for p in paths]
+    if cfg.output.video:
+        planned.append(Path(cfg.output.video))
+    existing = [p for p in planned if p.exists()]
+    if existing and not cfg.output.overwrite:
+        raise FileExistsError(f"{existing[0]} exists; choose another output or allow overwriting "
+                              "(--overwrite, output.overwrite=true)")
+    for p in planned:
+        p.parent.mkdir(parents=True, exist_ok=True)
+    return paths
+
+
+def _frame(images: torch.Tensor):
+    """A video frame: the candidates side by side in a grid, ``(H, W, 3)`` uint8, even sides."""
+    from torchvision.utils import make_grid
+
+    grid = make_grid(images.detach().float().cpu(), nrow=math.ceil(math.sqrt(len(images))),
+                     padding=2 if len(images) > 1 else 0)
+    grid = F.pad(grid, (0, grid.shape[2] % 2, 0, grid.shape[1] % 2))
+    return grid.clamp(0, 1).mul(255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+
+
+@contextlib.contextmanager
+def _memory_errors(cfg: DictConfig) -> Iterator[None]:
+    """Turn out-of-memory errors into one line that names the settings that reduce memory."""
+    try:
+        yield
+    except (torch.cuda.OutOfMemoryError, RuntimeError) as e:
+        oom = isinstance(e, torch.cuda.OutOfMemoryError) or "can't allocate memory" in str(e)
+        if not oom or isinstance(e, GenerationError):
+            raise
+        (w, h) = cfg.size
+        raise GenerationError(
+            f"out of memory on {cfg.device} at {w}x{h} with cutn {cfg.cutouts.cutn} and "
+            f"{cfg.candidates} candidate(s): lower --size, --cutn or --candidates") from None

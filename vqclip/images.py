@@ -1,0 +1,77 @@
+"""Reading images, and writing PNGs with their settings in text chunks, atomically."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
+
+__all__ = ["atomic_path", "load_image", "read_png_text", "save_png", "to_pil", "to_tensor"]
+
+
+def load_image(path: str | Path, size: tuple[int, int] | None = None) -> Image.Image:
+    """Open an image as RGB; with ``size`` (width, height), scale and centre-crop to fill it.
+
+    Raises:
+        FileNotFoundError: no such file. ValueError: not an image Pillow can read.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"image not found: {path}")
+    try:
+        with Image.open(path) as im:
+            image = ImageOps.exif_transpose(im).convert("RGB")
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        raise ValueError(f"cannot read image {path}: {e}") from None
+    if size is not None:
+        image = ImageOps.fit(image, tuple(size), Image.Resampling.LANCZOS)
+    return image
+
+
+def to_tensor(image: Image.Image) -> torch.Tensor:
+    """PIL RGB -> ``(1, 3, H, W)`` float in [0, 1]."""
+    data = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
+    return data.view(image.height, image.width, 3).permute(2, 0, 1)[None].float() / 255
+
+
+def to_pil(image: torch.Tensor) -> Image.Image:
+    """``(3, H, W)`` in [0, 1] -> PIL RGB."""
+    data = image.detach().clamp(0, 1).mul(255).round().to(torch.uint8).permute(1, 2, 0).cpu()
+    return Image.fromarray(data.numpy())
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``path`` that is renamed to it if the block succeeds.
+
+    The temporary name keeps the suffix, for writers that pick a format from it.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def save_png(image: Image.Image, path: str | Path, text: dict[str, str] | None = None) -> Path:
+    """Write a PNG with ``text`` as iTXt chunks, atomically (never a half-written file)."""
+    info = PngImagePlugin.PngInfo()
+    for key, value in (text or {}).items():
+        info.add_itxt(key, value)
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG", pnginfo=info)
+    return path
+
+
+def read_png_text(path: str | Path) -> dict[str, str]:
+    """The text chunks of a PNG."""
+    with Image.open(path) as im:
+        im.load()
+        return dict(im.text)

@@ -1,0 +1,123 @@
+"""Prompt syntax, and the CLIP embeddings the loop pulls toward.
+
+Syntax:
+    Text prompts: ``"text[:weight[:stop]]"``, several joined by ``|``. A negative weight repels.
+    ``stop`` ends a prompt's pull once its distance falls below it (a repelling prompt's push,
+    once its distance rises above it). Text may contain colons (URLs, "16:9"): only the trailing
+    fields that are plain numbers count, at most two. Write ``\\:`` for a colon that must stay
+    text even before a number ("a poster in 16\\:9"), and ``\\|`` for a literal bar.
+    Image prompts: ``"path[:weight]"``. Noise prompts: ``"seed[:weight]"`` (a random embedding).
+
+Shape:
+    a prompt's target embeddings are ``(T, D)`` unit vectors; a text or noise prompt has T = 1.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["Prompt", "Target", "parse_text_prompts", "parse_image_prompt", "parse_noise_prompt",
+           "embed_texts", "noise_target"]
+
+log = logging.getLogger(__name__)
+
+_NUMBER = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?")
+_COLON = re.compile(r"(?<!\\):")
+_BAR = re.compile(r"(?<!\\)\|")
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """One parsed prompt: ``value`` is the text, the image path or the noise seed."""
+
+    value: str
+    weight: float = 1.0
+    stop: float = -math.inf
+
+
+@dataclass
+class Target:
+    """What one prompt pulls toward: unit embeddings ``(T, D)``, a weight and a stop distance."""
+
+    embeds: torch.Tensor
+    weight: float
+    stop: float
+    label: str
+
+
+def _split(spec: str, max_numbers: int, what: str) -> tuple[str, list[float]]:
+    """Split trailing numeric ``:``-fields off ``spec``; returns the head and the numbers."""
+    fields = _COLON.split(spec)
+    numbers: list[float] = []
+    while len(fields) > 1 and len(numbers) < max_numbers and _NUMBER.fullmatch(fields[-1].strip()):
+        numbers.insert(0, float(fields.pop().strip()))
+    head = ":".join(fields).replace("\\:", ":").strip()
+    if not head:
+        raise ValueError(f"{what} {spec!r} has no {'text' if what == 'prompt' else what} before "
+                         "its numbers")
+    if numbers and numbers[0] == 0:
+        raise ValueError(f"{what} {spec!r}: weight 0 has no effect; drop the {what} instead")
+    if numbers and (head[-1].isdigit() or abs(numbers[0]) > 100):
+        log.warning("%s %r: read %g as the weight; write '\\:' to keep that colon as text",
+                    what, spec, numbers[0])
+    return head, numbers
+
+
+def parse_text_prompts(text: str) -> list[Prompt]:
+    """Parse ``"a:1|b:-0.5:0.9"`` into prompts; an empty string gives none.
+
+    Raises:
+        ValueError: an empty prompt between bars, a missing text, a zero weight.
+
+    Example:
+        >>> parse_text_prompts("a sunset:2|text, watermark:-1")
+        [Prompt(value='a sunset', weight=2.0, stop=-inf), Prompt(value='text, watermark', weight=-1.0, stop=-inf)]
+    """
+    if not text.strip():
+        return []
+    prompts = []
+    for part in _BAR.split(text):
+        if not part.strip():
+            raise ValueError(f"empty prompt in {text!r} (two bars in a row, or one at an end)")
+        head, numbers = _split(part.strip(), 2, "prompt")
+        prompts.append(Prompt(head.replace("\\|", "|"), *numbers))
+    return prompts
+
+
+def parse_image_prompt(spec: str) -> Prompt:
+    """Parse ``"path[:weight]"``; the path is not checked here."""
+    head, numbers = _split(spec.strip(), 1, "image prompt")
+    return Prompt(head, *numbers)
+
+
+def parse_noise_prompt(spec: str) -> Prompt:
+    """Parse ``"seed[:weight]"`` with a non-negative integer seed."""
+    seed, _, weight = spec.strip().partition(":")
+    if not re.fullmatch(r"\d+", seed.strip()) or (weight and not _NUMBER.fullmatch(weight.strip())):
+        raise ValueError(f"noise prompt {spec!r} must be SEED[:WEIGHT] with an integer seed >= 0")
+    w = float(weight) if weight else 1.0
+    if w == 0:
+        raise ValueError(f"noise prompt {spec!r}: weight 0 has no effect; drop the prompt instead")
+    return Prompt(seed.strip(), w)
+
+
+@torch.no_grad()
+def embed_texts(clip, prompts: list[Prompt]) -> list[Target]:
+    """Embed text prompts with CLIP, all in one batch."""
+    if not prompts:
+        return []
+    embeds = F.normalize(clip.encode_text([p.value for p in prompts]), dim=-1)  # (P, D)
+    return [Target(e[None], p.weight, p.stop, p.value) for p, e in zip(prompts, embeds, strict=True)]
+
+
+def noise_target(prompt: Prompt, dim: int, device: torch.device) -> Target:
+    """A random unit embedding from the prompt's seed (a noise prompt)."""
+    g = torch.Generator().manual_seed(int(prompt.value))
+    embed = F.normalize(torch.randn(1, dim, generator=g), dim=-1).to(device)
+    return Target(embed, prompt.weight, prompt.stop, f"noise {prompt.value}")

@@ -1,0 +1,77 @@
+"""Progress videos: frames streamed to mp4 (H.264 through imageio-ffmpeg's own ffmpeg) or gif."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["VideoWriter", "choose_fps"]
+
+
+def choose_fps(num_frames: int, seconds: float = 8.0) -> int:
+    """A frame rate that plays ``num_frames`` in about ``seconds``, within 5..30 fps."""
+    return max(5, min(30, round(num_frames / seconds)))
+
+
+class VideoWriter:
+    """Append ``(H, W, 3)`` uint8 frames; :meth:`close` moves the finished file into place.
+
+    Frames go to a hidden temporary file beside the target, so the target is never half-written.
+    ``close(keep=False)`` (on errors) deletes it instead. mp4 frames are streamed to ffmpeg;
+    gif frames are kept in memory and written at the end.
+
+    Example:
+        >>> with VideoWriter("run.mp4", fps=10) as video:  # doctest: +SKIP
+        ...     video.append(frame)
+    """
+
+    def __init__(self, path: str | Path, fps: int):
+        self.path = Path(path)
+        suffix = self.path.suffix.lower()
+        if suffix not in (".mp4", ".gif"):
+            raise ValueError(f"video {self.path}: the file name must end in .mp4 or .gif")
+        self.fps, self.count = fps, 0
+        self.tmp = self.path.with_name(f".{self.path.stem}.tmp-{os.getpid()}{suffix}")
+        self._frames: list[np.ndarray] = []
+        self._writer = None
+
+    def append(self, frame: np.ndarray) -> None:
+        if self.path.suffix.lower() == ".gif":
+            self._frames.append(frame)
+        else:
+            if self._writer is None:
+                import imageio.v2 as iio
+
+                # macro_block_size=2: keep the exact size (H.264 with yuv420p needs even sides)
+                self._writer = iio.get_writer(self.tmp, format="FFMPEG", fps=self.fps,
+                                              codec="libx264", quality=8, macro_block_size=2,
+                                              ffmpeg_log_level="error")
+            self._writer.append_data(frame)
+        self.count += 1
+
+    def close(self, keep: bool = True) -> Path | None:
+        """Finish the file and move it into place (``keep``), or discard it; returns the path."""
+        try:
+            if self._writer is not None:
+                self._writer.close()
+            elif self._frames and keep:
+                import imageio.v3 as iio
+
+                iio.imwrite(self.tmp, np.stack(self._frames), extension=".gif",
+                            duration=1000 / self.fps, loop=0)
+            if keep and self.count:
+                os.replace(self.tmp, self.path)
+                return self.path
+            return None
+        finally:
+            self._writer, self._frames = None, []
+            self.tmp.unlink(missing_ok=True)
+
+    def __enter__(self) -> "VideoWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        # Ctrl-C keeps what was made; any other error discards the partial file
+        self.close(keep=exc_type is None or issubclass(exc_type, KeyboardInterrupt))
