@@ -165,3 +165,48 @@ def server():
     srv = FileServer()
     yield srv
     srv.close()
+
+
+# The tiny CLIP used wherever a test needs one: open_clip's real code and tokenizer, few weights.
+TINY_CLIP = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8, "head_width": 32},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory):
+    """A tiny VQGAN (vqclip safetensors) and a tiny CLIP (config JSON + weights) on disk.
+
+    Returns the keyword arguments that point ``load_config``/``Generator.load`` at them; the CLI
+    flags are the same names with dashes.
+    """
+    import json
+
+    import open_clip
+
+    from vqclip.checkpoints import save_safetensors
+    from vqclip.models.clip import register_clip_config
+    from vqclip.models.vqgan import VQGAN, VQGANConfig
+
+    folder = tmp_path_factory.mktemp("tiny_models")
+    cfg = VQGANConfig(kind="vq", embed_dim=4, n_embed=16, ddconfig=dict(TINY_DDCONFIG))
+    torch.manual_seed(0)
+    save_safetensors(VQGAN(cfg).state_dict(), folder / "vqgan.safetensors",
+                     metadata={"vqclip.vqgan_config": cfg.to_json()})
+    clip_config = folder / "vqclip-test-tiny.json"
+    clip_config.write_text(json.dumps(TINY_CLIP))
+    register_clip_config(clip_config)
+    save_safetensors(open_clip.create_model("vqclip-test-tiny").state_dict(),
+                     folder / "clip.safetensors")
+    return {"vqgan": str(folder / "vqgan.safetensors"), "clip": "vqclip-test-tiny",
+            "clip_pretrained": str(folder / "clip.safetensors"), "clip_config": str(clip_config),
+            "device": "cpu"}
+
+
+@pytest.fixture(scope="session")
+def tiny_generator(tiny_models):
+    from vqclip.generate import Generator
+
+    return Generator.load(**tiny_models)

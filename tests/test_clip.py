@@ -5,15 +5,13 @@ import json
 import pytest
 import torch
 
+from conftest import TINY_CLIP
+
 from vqclip import pretrained
 from vqclip.checkpoints import CheckpointError, save_safetensors
 from vqclip.models.clip import load_clip, register_clip_config
 
-TINY = {
-    "embed_dim": 32,
-    "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8, "head_width": 32},
-    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
-}
+TINY = TINY_CLIP
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 
 

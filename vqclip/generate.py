@@ -212,7 +212,7 @@ class Generator:
         cfg.size = [self._round_side(s) for s in cfg.size]
         if cfg.seed is None:
             cfg.seed = int.from_bytes(os.urandom(4), "little") >> 1
-        outputs = _planned_outputs(cfg)
+        _planned_outputs(cfg)  # refuse to overwrite before any work, not after
         K, steps = cfg.candidates, cfg.optim.steps
         seeds = [cfg.seed + k for k in range(K)]
         streams = SeedStreams(seeds)
@@ -264,7 +264,7 @@ class Generator:
         if video is not None and video.count:
             result.files.append(video.path)
         if cfg.output.path:
-            result.save(outputs[0])
+            result.save(cfg.output.path)
         if interrupted:
             raise GenerationInterrupted(result)
         return result
@@ -293,7 +293,7 @@ class Generator:
 
     def _round_side(self, side: int) -> int:
         f = self.vqgan.downsample_factor
-        rounded = max(f, round(side / f) * f)
+        rounded = max(f, int(side / f + 0.5) * f)  # half up: 33 -> 34 for f = 2
         if rounded != side:
             log.info("size %d rounded to %d: a multiple of this VQGAN's factor %d", side, rounded, f)
         return rounded

@@ -74,4 +74,4 @@ def read_png_text(path: str | Path) -> dict[str, str]:
     """The text chunks of a PNG."""
     with Image.open(path) as im:
         im.load()
-        return dict(im.text)
+        return {str(k): str(v) for k, v in im.text.items()}  # plain str, not PIL iTXt objects

@@ -76,8 +76,8 @@ def parse_text_prompts(text: str) -> list[Prompt]:
         ValueError: an empty prompt between bars, a missing text, a zero weight.
 
     Example:
-        >>> parse_text_prompts("a sunset:2|text, watermark:-1")
-        [Prompt(value='a sunset', weight=2.0, stop=-inf), Prompt(value='text, watermark', weight=-1.0, stop=-inf)]
+        >>> [(p.value, p.weight) for p in parse_text_prompts("a sunset:2|text, watermark:-1")]
+        [('a sunset', 2.0), ('text, watermark', -1.0)]
     """
     if not text.strip():
         return []
@@ -98,8 +98,8 @@ def parse_image_prompt(spec: str) -> Prompt:
 
 def parse_noise_prompt(spec: str) -> Prompt:
     """Parse ``"seed[:weight]"`` with a non-negative integer seed."""
-    seed, _, weight = spec.strip().partition(":")
-    if not re.fullmatch(r"\d+", seed.strip()) or (weight and not _NUMBER.fullmatch(weight.strip())):
+    seed, colon, weight = spec.strip().partition(":")
+    if not re.fullmatch(r"\d+", seed.strip()) or (colon and not _NUMBER.fullmatch(weight.strip())):
         raise ValueError(f"noise prompt {spec!r} must be SEED[:WEIGHT] with an integer seed >= 0")
     w = float(weight) if weight else 1.0
     if w == 0:
