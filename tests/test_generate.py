@@ -6,7 +6,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from vqclip.generate import GenerationError, GenerationInterrupted, Generator
-from vqclip.images import read_png_text
+from vqclip.images import load_image, read_png_text, to_tensor
 
 SMALL = dict(size=[32, 32], cutn=4, seed=1)
 
@@ -150,9 +150,7 @@ def test_png_metadata_round_trips(tiny_generator, tmp_path):
     assert config == result.config and config.seed == 1 and config.size == [32, 32]
     sidecar = OmegaConf.load(tmp_path / "out-1.yaml")
     assert OmegaConf.to_container(sidecar) == {**result.info(1)}
-    with Image.open(tmp_path / "out-1.png") as im:
-        assert im.size == (32, 32) and torch.equal(
-            torch.tensor(list(im.getdata())), torch.tensor(list(result.images[1].getdata())))
+    assert torch.equal(to_tensor(load_image(tmp_path / "out-1.png")), to_tensor(result.images[1]))
 
 
 def test_outputs_are_not_overwritten_unless_asked(tiny_generator, tmp_path):
