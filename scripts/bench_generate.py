@@ -5,7 +5,7 @@ OpenAI weights use) with random weights, then times `Generator.generate` at the 
 cutn. Random weights cost exactly what trained ones do. The first step (warm-up) is excluded.
 
 Usage: python scripts/bench_generate.py [--size 256] [--cutn 32] [--steps 6] [--candidates 1]
-                                        [--device cpu] [--threads N]
+                                        [--device cpu] [--precision fp32] [--threads N]
 """
 
 import argparse
@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from test_vqgan import OFFICIAL_16384_YAML  # noqa: E402  (the published config, verbatim)
 
 from vqclip.config import load_config  # noqa: E402
-from vqclip.generate import Generator  # noqa: E402
+from vqclip.generator import Generator  # noqa: E402
 from vqclip.models.clip import CLIP  # noqa: E402
 from vqclip.models.vqgan import VQGAN, read_vqgan_config  # noqa: E402
 
@@ -47,6 +47,7 @@ def main():
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--candidates", type=int, default=1)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args()
     if args.threads:
@@ -64,11 +65,12 @@ def main():
         last[0] = now
 
     gen.generate(prompt="a lighthouse at dusk", steps=args.steps, seed=0, cutn=args.cutn,
-                 size=[args.size, args.size], candidates=args.candidates, callback=tick)
+                 size=[args.size, args.size], candidates=args.candidates, precision=args.precision,
+                 callback=tick)
     steady = times[1:]  # the first includes one-time allocations
     per = sum(steady) / len(steady)
     print(f"machine: {platform.machine()} {platform.processor() or ''}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, device {args.device}")
+          f"{torch.get_num_threads()} threads, device {args.device}, {args.precision}")
     print(f"{args.size}x{args.size}, cutn {args.cutn}, {args.candidates} candidate(s): "
           f"{per:.2f} s/step (mean of {len(steady)} steps after warm-up; "
           f"min {min(steady):.2f}, max {max(steady):.2f}); {per / args.candidates:.2f} s/step "

@@ -207,6 +207,6 @@ def tiny_models(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_generator(tiny_models):
-    from vqclip.generate import Generator
+    from vqclip.generator import Generator
 
     return Generator.load(**tiny_models)

@@ -169,7 +169,7 @@ def test_failed_download_is_one_line_naming_the_command(server, monkeypatch, cap
 
 
 def test_nan_loss_exits_1_with_one_line_and_no_image(tiny_models, tmp_path, monkeypatch, capsys):
-    import vqclip.generate as g
+    import vqclip.generator as g
 
     monkeypatch.setattr(g, "prompt_loss", lambda *a, **k: torch.full((1,), float("nan")))
     code = main(["generate", "x", *flags(tiny_models), *TINY_RUN, "--steps", "3",

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 import vqclip
-from vqclip.cli import build_parser
+from vqclip.cli import generate_config, parse_args
 
 README = (Path(__file__).parent.parent / "README.md").read_text()
 
@@ -30,13 +30,22 @@ def test_readme_has_the_ci_blocks():
 
 
 @pytest.mark.parametrize("argv", list(vqclip_commands()), ids=" ".join)
-def test_every_cli_line_parses(argv):
+def test_every_cli_line_parses(argv, tmp_path, monkeypatch):
     if "--help" in argv:
         with pytest.raises(SystemExit) as info:
-            build_parser().parse_args(argv)
+            parse_args(argv)
         assert info.value.code == 0
-    else:
-        build_parser().parse_args(argv)
+        return
+    args = parse_args(argv)
+    if args.command == "generate":  # the settings must be valid too, not only the flags
+        monkeypatch.chdir(tmp_path)
+        from PIL import Image
+
+        for path in [args.init_image, *(args.image_prompts or [])]:
+            if path:  # input images the example names: stand-ins, so that only settings are tested
+                Image.new("RGB", (8, 8)).save(tmp_path / path.split(":")[0])
+        cfg = generate_config(args)
+        assert cfg.output.path
 
 
 def test_python_blocks_compile_and_import_only_public_names():

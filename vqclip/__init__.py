@@ -5,7 +5,8 @@ Importing the package loads nothing heavy; the names below import their modules 
 
 from importlib import import_module
 
-__all__ = ["CLIP", "VQGAN", "download", "list_models", "load_clip", "load_vqgan", "resolve_device"]
+__all__ = ["CLIP", "GenerateConfig", "GenerationResult", "Generator", "VQGAN", "download", "generate",
+           "list_models", "load_clip", "load_config", "load_vqgan", "resolve_device"]
 __version__ = "0.1.0"
 
 _LAZY = {
@@ -13,6 +14,9 @@ _LAZY = {
     "VQGAN": "vqclip.models.vqgan", "load_vqgan": "vqclip.models.vqgan",
     "download": "vqclip.pretrained", "list_models": "vqclip.pretrained",
     "resolve_device": "vqclip.device",
+    "GenerateConfig": "vqclip.config", "load_config": "vqclip.config",
+    "Generator": "vqclip.generator", "GenerationResult": "vqclip.generator",
+    "generate": "vqclip.generator",
 }
 
 

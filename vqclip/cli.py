@@ -12,7 +12,7 @@ from pathlib import Path
 
 from . import __version__
 
-__all__ = ["main"]
+__all__ = ["build_parser", "generate_config", "main", "parse_args"]
 
 log = logging.getLogger("vqclip")
 
@@ -66,9 +66,9 @@ def _run_folder(prompt: str) -> Path:
     return folder
 
 
-def cmd_generate(args: argparse.Namespace) -> int:
+def generate_config(args: argparse.Namespace):
+    """The config a ``vqclip generate`` command line describes (checked, output path filled in)."""
     from .config import FLAT_KEYS, load_config
-    from .generate import GenerationInterrupted, Generator
 
     prompts = [a for a in args.rest if not _OVERRIDE.match(a)]
     overrides = [a for a in args.rest if _OVERRIDE.match(a)]
@@ -82,7 +82,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
                       overrides=overrides, **flags)
     if cfg.output.path is None:  # a fresh run folder; never overwrites anything
         cfg.output.path = str(_run_folder(cfg.prompts.text) / "final.png")
+    return cfg
 
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from .generator import GenerationInterrupted, Generator
+
+    cfg = generate_config(args)
     start = time.perf_counter()
     gen = Generator.load(cfg)
     log.info("models loaded in %.1f s on %s", time.perf_counter() - start, gen.device)
@@ -128,6 +134,8 @@ def _add_generate(sub) -> None:
                    help="rounded to the VQGAN's factor (16 for the f16 models)")
     g.add_argument("--candidates", type=int, metavar="K", help="independent images in one batch")
     g.add_argument("--device", help="auto (default), cpu, cuda, cuda:N or mps")
+    g.add_argument("--precision", help="fp32 (default), bf16 or fp16 (GPU): mixed precision for "
+                                       "the decoder and CLIP")
     g = p.add_argument_group("optimization")
     g.add_argument("--lr", type=float)
     g.add_argument("--optimizer", help=f"one of: {', '.join(OPTIMIZERS)}")
@@ -182,17 +190,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run the CLI; returns the exit code (2 for user errors, 130 for Ctrl-C)."""
-    from .checkpoints import CheckpointError
-    from .pretrained import DownloadError
-
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse a command line; exits with code 2 and one line on bad flags."""
     parser = build_parser()
     args, extras = parser.parse_known_args(argv)
     if extras and (args.command != "generate" or any(e.startswith("-") for e in extras)):
         parser.error(f"unrecognized arguments: {' '.join(extras)}")
     if args.command == "generate":  # prompt words and key=value may come after options
         args.rest += extras
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; returns the exit code (2 for user errors, 130 for Ctrl-C)."""
+    from .checkpoints import CheckpointError
+    from .pretrained import DownloadError
+
+    args = parse_args(argv)
     # vqclip's own messages at the chosen level; other libraries' only when they are warnings
     level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
@@ -204,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"vqclip: error: {e}", file=sys.stderr)
         return 2
     except RuntimeError as e:
-        from .generate import GenerationError
+        from .generator import GenerationError
 
         if not isinstance(e, GenerationError):
             raise

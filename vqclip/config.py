@@ -17,12 +17,13 @@ from typing import Any, Optional
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-__all__ = ["GenerateConfig", "PRESET_DIR", "OPTIMIZERS", "AUGMENTS", "check_config", "list_presets",
+__all__ = ["GenerateConfig", "PRESET_DIR", "OPTIMIZERS", "AUGMENTS", "PRECISIONS", "check_config", "list_presets",
            "load_config", "FLAT_KEYS"]
 
 PRESET_DIR = Path(__file__).resolve().parent.parent / "configs"
 DEFAULT_PRESET = "imagenet"
 OPTIMIZERS = ("adam", "adamw", "sgd", "radam", "rmsprop")
+PRECISIONS = ("fp32", "bf16", "fp16")
 AUGMENTS = ("affine", "perspective", "jitter", "erasing", "noise", "flip", "sharpness")
 MAX_SIDE = 4096  # pixels; beyond this a VQGAN decoder needs tens of GB for activations
 MAX_CANDIDATES = 64
@@ -75,6 +76,7 @@ class GenerateConfig:
     size: list[int] = field(default_factory=lambda: [256, 256])  # width, height
     candidates: int = 1  # independent latents optimized in one batch; candidate k uses seed + k
     device: str = "auto"
+    precision: str = "fp32"  # bf16/fp16: decoder and CLIP under torch.autocast; z and losses stay fp32
     tv_weight: float = 0.0  # total-variation prior: favours flat regions
     preset: Optional[str] = None  # informational: the preset these settings started from
     models: ModelsConfig = field(default_factory=ModelsConfig)
@@ -94,7 +96,7 @@ FLAT_KEYS = {
     "clip_pretrained": "models.clip_pretrained", "clip_config": "models.clip_config",
     "output": "output.path", "video": "output.video", "save_every": "output.save_every",
     "overwrite": "output.overwrite",
-    **{k: k for k in ("seed", "size", "candidates", "device", "tv_weight")},
+    **{k: k for k in ("seed", "size", "candidates", "device", "precision", "tv_weight")},
 }
 
 
@@ -169,6 +171,8 @@ def check_config(cfg: DictConfig) -> None:
     need(1 <= cfg.candidates <= MAX_CANDIDATES, f"candidates must be in 1..{MAX_CANDIDATES}, "
                                                 f"got {cfg.candidates}")
     need(cfg.seed is None or 0 <= cfg.seed < 2**63, f"seed must be in 0..2**63-1, got {cfg.seed}")
+    need(cfg.precision in PRECISIONS, f"unknown precision {cfg.precision!r}; available: "
+                                      f"{', '.join(PRECISIONS)}")
     need(cfg.optim.name in OPTIMIZERS, f"unknown optimizer {cfg.optim.name!r}; "
                                        f"available: {', '.join(OPTIMIZERS)}")
     need(cfg.optim.lr > 0, f"lr must be > 0, got {cfg.optim.lr}")

@@ -5,7 +5,7 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
-from vqclip.generate import GenerationError, GenerationInterrupted, Generator
+from vqclip.generator import GenerationError, GenerationInterrupted, Generator
 from vqclip.images import load_image, read_png_text, to_tensor
 
 SMALL = dict(size=[32, 32], cutn=4, seed=1)
@@ -104,7 +104,7 @@ def test_nothing_to_aim_for_is_an_error(tiny_generator):
 
 def test_nan_loss_stops_with_a_clear_message_and_writes_no_image(tiny_generator, tmp_path,
                                                                  monkeypatch):
-    import vqclip.generate as g
+    import vqclip.generator as g
 
     monkeypatch.setattr(g, "prompt_loss", lambda *a, **k: torch.full((1,), float("nan")))
     with pytest.raises(GenerationError, match="loss became .*nan.* at step 0.*lower lr"):
@@ -187,3 +187,13 @@ def test_defaults_come_from_the_generator_config(tiny_models):
     result = gen.generate(seed=0)
     assert result.steps_done == 3 and result.images[0].size == (16, 16)
     assert result.config.prompts.text == "a cat" and result.timings["per_step"] > 0
+
+
+def test_bf16_runs_on_the_cpu_and_fp16_asks_for_a_gpu(tiny_generator):
+    full = tiny_generator.generate(prompt="x", steps=3, **SMALL)
+    half = tiny_generator.generate(prompt="x", steps=3, precision="bf16", **SMALL)
+    assert half.tensor.dtype == torch.float32 and torch.isfinite(half.losses).all()
+    assert not torch.equal(full.losses, half.losses)  # autocast really ran in bf16
+    torch.testing.assert_close(full.losses[0], half.losses[0], atol=0.05, rtol=0)
+    with pytest.raises(ValueError, match="fp16 needs a GPU; on the CPU use bf16"):
+        tiny_generator.generate(prompt="x", steps=1, precision="fp16", **SMALL)

@@ -209,6 +209,7 @@ class Generator:
         if not (cfg.prompts.text.strip() or cfg.prompts.images or cfg.prompts.noise):
             raise ValueError("nothing to aim for: give a text prompt, an image prompt or a noise "
                              "prompt")
+        self._autocast(cfg)  # an unusable precision fails now, not after the setup
         cfg.size = [self._round_side(s) for s in cfg.size]
         if cfg.seed is None:
             cfg.seed = int.from_bytes(os.urandom(4), "little") >> 1
@@ -271,12 +272,15 @@ class Generator:
 
     def _step(self, cfg, step, z, z_init, opt, cutouts, streams, targets):
         opt.zero_grad(set_to_none=True)
-        image = self.vqgan.decode(self.vqgan.quantize_latents(z))  # (K, 3, H, W) in [0, 1]
+        z_q = self.vqgan.quantize_latents(z)  # fp32 always: code choice is a nearest-neighbour search
+        with self._autocast(cfg):
+            image = self.vqgan.decode(z_q).float()  # (K, 3, H, W) in [0, 1]
         cuts = []
         for k in range(z.shape[0]):
             with streams.use(k):
                 cuts.append(cutouts(image[k:k + 1]))  # (cutn, 3, S, S)
-        embeds = self.clip.encode_image(torch.cat(cuts))  # (K * cutn, D)
+        with self._autocast(cfg):
+            embeds = self.clip.encode_image(torch.cat(cuts))  # (K * cutn, D), fp32
         embeds = embeds.view(z.shape[0], cfg.cutouts.cutn, -1)  # (K, cutn, D)
         loss = sum(prompt_loss(embeds, t.embeds, t.weight, t.stop) for t in targets)  # (K,)
         if cfg.prompts.init_weight:
@@ -290,6 +294,15 @@ class Generator:
         loss.sum().backward()  # a sum: each candidate gets the gradient of its own loss
         opt.step()
         return image.detach(), loss.detach()
+
+    def _autocast(self, cfg: DictConfig):
+        """Mixed precision for the decoder and CLIP when ``precision`` asks for it (opt-in)."""
+        if cfg.precision == "fp32":
+            return contextlib.nullcontext()
+        if cfg.precision == "fp16" and self.device.type == "cpu":
+            raise ValueError("precision fp16 needs a GPU; on the CPU use bf16")
+        dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float16
+        return torch.autocast(self.device.type, dtype=dtype)
 
     def _round_side(self, side: int) -> int:
         f = self.vqgan.downsample_factor
