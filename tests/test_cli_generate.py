@@ -197,13 +197,14 @@ def test_ctrl_c_keeps_the_image_and_the_video_so_far(tiny_models, tmp_path):
 
     out, video = tmp_path / "o.png", tmp_path / "o.mp4"
     proc = _cli("-q", "generate", "x", *flags(tiny_models), *TINY_RUN, "--steps", "100000",
-                "--save-every", "1", "--output", str(out), "--video", str(video), cwd=tmp_path)
+                "--save-every", "1", "--output", str(out), "--video", str(video), cwd=tmp_path,
+                start_new_session=True)
     deadline = time.monotonic() + 120
     while not list(tmp_path.glob(".o.tmp-*.mp4")):  # frames are being written: the loop runs
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
         time.sleep(0.1)
     time.sleep(1.0)
-    proc.send_signal(signal.SIGINT)
+    os.killpg(proc.pid, signal.SIGINT)  # as a terminal does: to the whole group, ffmpeg included
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130 and "Traceback" not in err, err
     assert "interrupted after" in err

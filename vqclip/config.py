@@ -17,8 +17,8 @@ from typing import Any, Optional
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-__all__ = ["GenerateConfig", "PRESET_DIR", "OPTIMIZERS", "AUGMENTS", "PRECISIONS", "check_config", "list_presets",
-           "load_config", "FLAT_KEYS"]
+__all__ = ["AUGMENTS", "FLAT_KEYS", "OPTIMIZERS", "PRECISIONS", "PRESET_DIR", "GenerateConfig",
+           "check_config", "list_presets", "load_config"]
 
 PRESET_DIR = Path(__file__).resolve().parent.parent / "configs"
 DEFAULT_PRESET = "imagenet"

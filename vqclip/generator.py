@@ -206,14 +206,7 @@ class Generator:
 
     def _run(self, cfg: DictConfig, callback: Callback | None, progress: bool) -> GenerationResult:
         t0 = time.perf_counter()
-        if not (cfg.prompts.text.strip() or cfg.prompts.images or cfg.prompts.noise):
-            raise ValueError("nothing to aim for: give a text prompt, an image prompt or a noise "
-                             "prompt")
-        self._autocast(cfg)  # an unusable precision fails now, not after the setup
-        cfg.size = [self._round_side(s) for s in cfg.size]
-        if cfg.seed is None:
-            cfg.seed = int.from_bytes(os.urandom(4), "little") >> 1
-        _planned_outputs(cfg)  # refuse to overwrite before any work, not after
+        self._settle(cfg)
         K, steps = cfg.candidates, cfg.optim.steps
         seeds = [cfg.seed + k for k in range(K)]
         streams = SeedStreams(seeds)
@@ -221,40 +214,14 @@ class Generator:
                               cfg.cutouts.augments)
         targets = self._targets(cfg, cutouts)
         z = self._init_latents(cfg, streams).requires_grad_()  # (K, D, h, w)
-        z_init = z.detach().clone()
-        codebook = self.vqgan.codebook
-        lo = codebook.min(0).values.view(1, -1, 1, 1)
-        hi = codebook.max(0).values.view(1, -1, 1, 1)
-        opt = make_optimizer(cfg.optim.name, [z], cfg.optim.lr)
         video = None
         if cfg.output.video:
             frames = len(range(0, steps, cfg.output.save_every)) + 1
             video = VideoWriter(cfg.output.video, fps=choose_fps(frames))
         t1 = time.perf_counter()
-
-        losses, interrupted = [], False
-        bar = tqdm(total=steps, disable=not progress, desc="generate", unit="step", leave=False)
-        try:
-            with video or contextlib.nullcontext():
-                try:
-                    for step in range(steps):
-                        image, loss = self._step(cfg, step, z, z_init, opt, cutouts, streams, targets)
-                        torch.clamp_(z.data, lo, hi)
-                        losses.append(loss.cpu())
-                        bar.update()
-                        bar.set_postfix(loss=f"{loss.mean().item():.4f}")
-                        if video is not None and step % cfg.output.save_every == 0:
-                            video.append(_frame(image))
-                        if callback is not None:
-                            callback(step, {"image": image, "loss": loss, "z": z.detach()})
-                except KeyboardInterrupt:
-                    interrupted = True  # keep what was made: the current image, the video so far
-                with torch.no_grad():
-                    final = self.vqgan.decode(self.vqgan.quantize_latents(z.clamp(lo, hi)))
-                if video is not None:
-                    video.append(_frame(final))
-        finally:
-            bar.close()
+        with video or contextlib.nullcontext():
+            final, losses, interrupted = self._loop(cfg, z, cutouts, streams, targets, video,
+                                                    callback, progress)
         t2 = time.perf_counter()
 
         result = GenerationResult(
@@ -269,6 +236,46 @@ class Generator:
         if interrupted:
             raise GenerationInterrupted(result)
         return result
+
+    def _settle(self, cfg: DictConfig) -> None:
+        """Check what only a run can check, fill in size and seed, refuse to overwrite outputs."""
+        if not (cfg.prompts.text.strip() or cfg.prompts.images or cfg.prompts.noise):
+            raise ValueError("nothing to aim for: give a text prompt, an image prompt or a noise "
+                             "prompt")
+        self._autocast(cfg)  # an unusable precision fails now, not after the setup
+        cfg.size = [self._round_side(s) for s in cfg.size]
+        if cfg.seed is None:
+            cfg.seed = int.from_bytes(os.urandom(4), "little") >> 1
+        _planned_outputs(cfg)  # before any work, not after
+
+    def _loop(self, cfg, z, cutouts, streams, targets, video, callback, progress):
+        """The optimization; Ctrl-C ends it early and keeps the current state."""
+        z_init = z.detach().clone()
+        codebook = self.vqgan.codebook
+        lo = codebook.min(0).values.view(1, -1, 1, 1)  # the codebook's per-channel range
+        hi = codebook.max(0).values.view(1, -1, 1, 1)
+        opt = make_optimizer(cfg.optim.name, [z], cfg.optim.lr)
+        losses, interrupted = [], False
+        with tqdm(total=cfg.optim.steps, disable=not progress, desc="generate", unit="step",
+                  leave=False) as bar:
+            try:
+                for step in range(cfg.optim.steps):
+                    image, loss = self._step(cfg, step, z, z_init, opt, cutouts, streams, targets)
+                    torch.clamp_(z.data, lo, hi)
+                    losses.append(loss.cpu())
+                    bar.update()
+                    bar.set_postfix(loss=f"{loss.mean().item():.4f}")
+                    if video is not None and step % cfg.output.save_every == 0:
+                        video.append(_frame(image))
+                    if callback is not None:
+                        callback(step, {"image": image, "loss": loss, "z": z.detach()})
+            except KeyboardInterrupt:
+                interrupted = True  # keep what was made: the current image, the video so far
+        with torch.no_grad():
+            final = self.vqgan.decode(self.vqgan.quantize_latents(z.clamp(lo, hi)))
+        if video is not None:
+            video.append(_frame(final))
+        return final, losses, interrupted
 
     def _step(self, cfg, step, z, z_init, opt, cutouts, streams, targets):
         opt.zero_grad(set_to_none=True)
