@@ -198,7 +198,9 @@ def test_ctrl_c_keeps_the_image_and_the_video_so_far(tiny_models, tmp_path):
     out, video = tmp_path / "o.png", tmp_path / "o.mp4"
     proc = _cli("-q", "generate", "x", *flags(tiny_models), *TINY_RUN, "--steps", "100000",
                 "--save-every", "1", "--output", str(out), "--video", str(video), cwd=tmp_path,
-                start_new_session=True)
+                # a background job (CI under nohup, `cmd &`) inherits SIGINT ignored, and Python
+                # then installs no KeyboardInterrupt handler: give the child the default back
+                start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 120
     while not list(tmp_path.glob(".o.tmp-*.mp4")):  # frames are being written: the loop runs
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
@@ -213,3 +215,11 @@ def test_ctrl_c_keeps_the_image_and_the_video_so_far(tiny_models, tmp_path):
     frames = iio.imread(video, index=None, plugin="FFMPEG")
     assert frames.shape[0] == steps + 1  # a frame per step, plus the final image
     assert sorted(p.name for p in Path(tmp_path).iterdir()) == ["o.mp4", "o.png", "o.yaml"]
+
+
+def test_no_prompt_fails_before_any_model_is_loaded_or_downloaded(capsys):
+    # the default preset's models are not in the (empty, isolated) cache: reaching them would
+    # fail with a download error instead
+    assert main(["generate", "--steps", "3"]) == 2
+    assert capsys.readouterr().err == ("vqclip: error: nothing to aim for: give a text prompt, an "
+                                       "image prompt or a noise prompt\n")

@@ -68,7 +68,7 @@ def _run_folder(prompt: str) -> Path:
 
 def generate_config(args: argparse.Namespace):
     """The config a ``vqclip generate`` command line describes (checked, output path filled in)."""
-    from .config import FLAT_KEYS, load_config
+    from .config import FLAT_KEYS, load_config, require_target
 
     prompts = [a for a in args.rest if not _OVERRIDE.match(a)]
     overrides = [a for a in args.rest if _OVERRIDE.match(a)]
@@ -80,6 +80,7 @@ def generate_config(args: argparse.Namespace):
         flags["prompt"] = prompts[0]
     cfg = load_config(preset=args.preset, files=[args.config] if args.config else (),
                       overrides=overrides, **flags)
+    require_target(cfg)
     if cfg.output.path is None:  # a fresh run folder; never overwrites anything
         cfg.output.path = str(_run_folder(cfg.prompts.text) / "final.png")
     return cfg

@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 __all__ = ["AUGMENTS", "FLAT_KEYS", "OPTIMIZERS", "PRECISIONS", "PRESET_DIR", "GenerateConfig",
-           "check_config", "list_presets", "load_config"]
+           "check_config", "list_presets", "load_config", "require_target"]
 
 PRESET_DIR = Path(__file__).resolve().parent.parent / "configs"
 DEFAULT_PRESET = "imagenet"
@@ -200,6 +200,12 @@ def check_config(cfg: DictConfig) -> None:
 
     for path in [*paths, *([cfg.prompts.init_image] if cfg.prompts.init_image else [])]:
         load_image(path)  # FileNotFoundError, or ValueError if Pillow cannot read it
+
+
+def require_target(cfg: DictConfig) -> None:
+    """Raise ValueError unless the config has something to aim for (a prompt of some kind)."""
+    if not (cfg.prompts.text.strip() or cfg.prompts.images or cfg.prompts.noise):
+        raise ValueError("nothing to aim for: give a text prompt, an image prompt or a noise prompt")
 
 
 def _preset_path(name: str) -> Path:

@@ -36,7 +36,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from . import __version__
-from .config import GenerateConfig, load_config
+from .config import GenerateConfig, load_config, require_target
 from .cutouts import MakeCutouts, SeedStreams
 from .images import load_image, save_png, to_pil, to_tensor
 from .losses import init_loss, prompt_loss, tv_loss
@@ -239,9 +239,7 @@ class Generator:
 
     def _settle(self, cfg: DictConfig) -> None:
         """Check what only a run can check, fill in size and seed, refuse to overwrite outputs."""
-        if not (cfg.prompts.text.strip() or cfg.prompts.images or cfg.prompts.noise):
-            raise ValueError("nothing to aim for: give a text prompt, an image prompt or a noise "
-                             "prompt")
+        require_target(cfg)
         self._autocast(cfg)  # an unusable precision fails now, not after the setup
         cfg.size = [self._round_side(s) for s in cfg.size]
         if cfg.seed is None:
