@@ -1,0 +1,73 @@
+"""The shapes world and its pixel-only judge."""
+
+import pytest
+import torch
+
+from vqclip.judge import judge
+from vqclip.shapes import COLOURS, SHAPES, batch, captions, render, sample_scene
+
+
+def test_scenes_are_deterministic_and_splits_differ():
+    assert sample_scene(5) == sample_scene(5)
+    assert torch.equal(batch(5, 3)[0], batch(5, 3)[0])
+    train = {sample_scene(i) for i in range(200)}
+    val = {sample_scene(i, "val") for i in range(200)}
+    assert not train & val  # jitter makes every scene unique; splits share none
+    with pytest.raises(ValueError, match="unknown split"):
+        sample_scene(0, "holdout")
+
+
+def test_coverage_of_the_world():
+    scenes = [sample_scene(i) for i in range(2000)]
+    objects = [o for s in scenes for o in s.objects]
+    assert {o.colour for o in objects} == set(COLOURS)
+    assert {o.shape for o in objects} == set(SHAPES)
+    assert {o.size for o in objects} == {"small", "large"}
+    assert len({o.position for o in objects}) == 9
+    assert {len(s.objects) for s in scenes} == {1, 2}
+    assert all(s.background not in {o.colour for o in s.objects} for s in scenes)
+
+
+def test_captions_agree_with_the_scene():
+    for i in range(300):
+        scene = sample_scene(i)
+        for text in captions(scene):
+            for obj in scene.objects:
+                assert f"{obj.colour} {obj.shape}" in text
+            if "background" in text:
+                assert f"on a {scene.background} background" in text
+            if len(scene.objects) == 1 and scene.objects[0].size in text.split():
+                assert f"{scene.objects[0].size} {scene.objects[0].colour}" in text
+
+
+def test_render_puts_the_colour_where_the_scene_says():
+    scene = sample_scene(1, num_objects=1)
+    image = torch.frombuffer(bytearray(render(scene).tobytes()), dtype=torch.uint8).view(64, 64, 3)
+    image = image.float()
+    (obj,) = scene.objects
+    from vqclip.shapes import POSITIONS
+
+    x, y = (int(v * 64) for v in POSITIONS[obj.position])
+    assert (image[y, x] - torch.tensor(COLOURS[obj.colour])).abs().max() < 30
+
+
+@pytest.mark.parametrize("split", ["val", "test"])
+def test_judge_reads_every_clean_render(split):
+    images, scenes = batch(0, 150, split=split)
+    for image, scene in zip(images, scenes):
+        verdict = judge(image)
+        assert verdict.num_objects == len(scene.objects)
+        assert any(verdict.matches(o.colour, o.shape) for o in scene.objects), (scene, verdict)
+
+
+def test_judge_rejects_noise_blobs_and_empty_images():
+    torch.manual_seed(0)
+    assert judge(torch.rand(3, 64, 64)).shape is None
+    flat = torch.full((3, 64, 64), 0.5)
+    assert judge(flat).num_objects == 0 and judge(flat).colour is None
+    blob = flat.clone()
+    mask = torch.rand(64, 64) > 0.5  # a ragged red texture in the middle
+    mask[:16], mask[48:], mask[:, :16], mask[:, 48:] = False, False, False, False
+    blob[:, mask] = torch.tensor([220, 30, 30], dtype=torch.float32)[:, None] / 255
+    verdict = judge(blob)
+    assert verdict.shape is None
