@@ -87,6 +87,7 @@ def test_real_architectures_through_the_default_preset(tmp_path, isolated_cache,
 
 def _image(tmp_path):
     Image.new("RGB", (8, 8)).save(tmp_path / "ok.png")
+    (tmp_path / "folder.png").mkdir()
     (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
     return tmp_path
 
@@ -111,6 +112,9 @@ def _image(tmp_path):
     (["a cat", "--config", "{tmp}/none.yaml"], "config file not found"),
     (["a cat", "optim.lrr=1"], "Key 'lrr' not in 'OptimConfig'"),
     (["a cat", "--video", "{tmp}/v.avi"], "must end in .mp4 or .gif"),
+    (["a cat", "--output", "{tmp}/folder.png", "--overwrite"], "folder.png is a folder"),
+    (["a cat", "--video", "{tmp}/folder.png/../v.mp4", "--precision", "fp16"],
+     "fp16 needs a GPU; on the CPU use bf16"),
     (["a", "red", "cat"], "one prompt only, got 3 words: quote it"),
     ([], "nothing to aim for"),
 ])
@@ -223,3 +227,27 @@ def test_no_prompt_fails_before_any_model_is_loaded_or_downloaded(capsys):
     assert main(["generate", "--steps", "3"]) == 2
     assert capsys.readouterr().err == ("vqclip: error: nothing to aim for: give a text prompt, an "
                                        "image prompt or a noise prompt\n")
+
+
+def test_output_problems_are_found_before_the_models_load(tmp_path, capsys):
+    # the default preset's models are not in the cache: reaching them would be a download error
+    (tmp_path / "taken.png").write_bytes(b"x")
+    assert main(["generate", "x", "--output", str(tmp_path / "taken.png")]) == 2
+    assert "taken.png exists" in capsys.readouterr().err
+
+
+def test_quiet_after_the_command_and_prompts_with_equals_signs(tiny_models, tmp_path, capsys):
+    out = tmp_path / "e.png"
+    assert main(["generate", "-q", "E=mc2 poster", *flags(tiny_models), *TINY_RUN, "steps=1",
+                 "--output", str(out)]) == 0
+    assert read_png_text(out)["prompt"] == "E=mc2 poster"
+    assert "generate:" not in capsys.readouterr().err  # no progress bar
+
+
+def test_a_failed_run_leaves_no_empty_run_folder(tiny_models, tmp_path, monkeypatch, capsys):
+    import vqclip.generator as g
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(g, "prompt_loss", lambda *a, **k: torch.full((1,), float("nan")))
+    assert main(["generate", "x", *flags(tiny_models), *TINY_RUN, "steps=2"]) == 1
+    assert list((tmp_path / "outputs").iterdir()) == []

@@ -49,7 +49,10 @@ def test_config_object_as_base_and_types_are_converted():
     ({"size": [256]}, "size must be \\[width, height\\]"),
     ({"optimizer": "lion"}, "unknown optimizer 'lion'; available: adam, adamw, sgd"),
     ({"augments": ["affine", "swirl"]}, "unknown augmentation 'swirl'; available: affine"),
-    ({"lr": -1.0}, "lr must be > 0"),
+    ({"lr": -1.0}, "lr must be in \\(0, 100"),
+    ({"lr": 1e39}, "lr must be in"),
+    ({"overrides": ["optim.lr=.inf"]}, "optim.lr must be a finite number"),
+    ({"init_weight": float("nan")}, "init_weight must be a finite number"),
     ({"cutn": 0}, "cutn must be >= 1"),
     ({"candidates": 0}, "candidates must be in 1..64"),
     ({"video": "x.avi"}, "must end in .mp4 or .gif"),
@@ -80,3 +83,18 @@ def test_missing_and_unreadable_files(tmp_path):
     listy.write_text("- 1\n- 2\n")
     with pytest.raises(ValueError, match="must be a mapping"):
         load_config(files=[listy])
+
+
+def test_text_overrides_stay_text():
+    # YAML 1.1 would read 16:9 as sexagesimal 969 and 1e3 as a float
+    assert load_config(overrides=["prompt=16:9"]).prompts.text == "16:9"
+    assert load_config(overrides=["prompts.text=1e3", "optim.name=adam"]).prompts.text == "1e3"
+
+
+def test_oversized_images_are_a_clear_error(tmp_path, monkeypatch):
+    from PIL import Image
+
+    Image.new("RGB", (16, 16)).save(tmp_path / "big.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 256 pixels > 2x: Pillow's bomb error
+    with pytest.raises(ValueError, match="cannot read image .*big.png"):
+        load_config(init_image=str(tmp_path / "big.png"))

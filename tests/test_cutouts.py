@@ -111,9 +111,11 @@ def test_prompt_loss_weight_sign_and_stop():
     mid = d.detach().median().item()
     grad = torch.autograd.grad(prompt_loss(embeds, target, stop=mid).sum(), embeds)[0]
     assert ((grad.abs().sum(-1) > 0) == (d >= mid)).all()
-    # a repelling prompt stops pushing once farther than its stop
+    # a repelling prompt's stop is negative: it pushes only while closer than -stop
     far = prompt_loss(embeds, target, weight=-1.0, stop=0.0)
     assert torch.autograd.grad(far.sum(), embeds)[0].abs().sum() == 0
+    grad = torch.autograd.grad(prompt_loss(embeds, target, weight=-1.0, stop=-mid).sum(), embeds)[0]
+    assert ((grad.abs().sum(-1) > 0) == (d <= mid)).all()
 
 
 def test_candidate_losses_are_independent():

@@ -179,7 +179,9 @@ def test_video_has_one_frame_per_save_every_plus_the_final(tiny_generator, tmp_p
 def test_generator_refuses_a_config_for_other_models(tiny_generator):
     other = OmegaConf.merge(tiny_generator.config, {"models": {"vqgan": "imagenet_f16_16384"}})
     with pytest.raises(ValueError, match="this Generator holds"):
-        tiny_generator.generate(other, prompt="x", steps=1)
+        tiny_generator.generate("x", config=other, steps=1)
+    with pytest.raises(ValueError, match="runs on cpu"):
+        tiny_generator.generate("x", device="cuda:3", steps=1)
 
 
 def test_defaults_come_from_the_generator_config(tiny_models):
@@ -197,3 +199,23 @@ def test_bf16_runs_on_the_cpu_and_fp16_asks_for_a_gpu(tiny_generator):
     torch.testing.assert_close(full.losses[0], half.losses[0], atol=0.05, rtol=0)
     with pytest.raises(ValueError, match="fp16 needs a GPU; on the CPU use bf16"):
         tiny_generator.generate(prompt="x", steps=1, precision="fp16", **SMALL)
+
+
+def test_a_nan_from_the_last_update_is_an_error_not_a_black_image(tiny_generator, tmp_path,
+                                                                  monkeypatch):
+    real_step = torch.optim.Adam.step
+
+    def poisoned(self, *args, **kwargs):
+        out = real_step(self, *args, **kwargs)
+        self.param_groups[0]["params"][0].data[0, 0, 0, 0] = float("nan")
+        return out
+
+    monkeypatch.setattr(torch.optim.Adam, "step", poisoned)
+    with pytest.raises(GenerationError, match="latents became NaN or inf in step 0's update"):
+        tiny_generator.generate("x", steps=1, output=str(tmp_path / "o.png"), **SMALL)
+    assert not any(tmp_path.iterdir())
+
+
+def test_prompt_is_the_first_argument(tiny_generator):
+    result = tiny_generator.generate("a red circle:1|blue:-0.5", steps=1, **SMALL)
+    assert result.config.prompts.text == "a red circle:1|blue:-0.5"

@@ -27,6 +27,7 @@ INF = -math.inf
     ("https://example.com/cat.png:0.5", [Prompt("https://example.com/cat.png", 0.5)]),
     ("a 16:9 poster", [Prompt("a 16:9 poster")]),
     ("a 16:9 poster:2:0.5", [Prompt("a 16:9 poster", 2.0, 0.5)]),
+    ("watermark:-1:-0.9", [Prompt("watermark", -1.0, -0.9)]),
     ("time: 12:30 pm", [Prompt("time: 12:30 pm")]),
     ("ratio:wide", [Prompt("ratio:wide")]),
     ("a:b:c:2", [Prompt("a:b:c", 2.0)]),
@@ -57,6 +58,10 @@ def test_ambiguous_trailing_number_is_a_weight_with_a_warning(caplog):
     ("  :1:2", "no text"),
     ("a:0", "weight 0"),
     ("a:-0.0:1", "weight 0"),
+    ("a:1e999", "finite"),
+    ("a:1:5", "stop must be a distance in 0..4.93"),
+    ("a:1:-0.5", "stop must be a distance"),
+    ("a:-1:0.9", "repelling prompt's stop is a negative distance"),
 ])
 def test_bad_text_prompts(text, message):
     with pytest.raises(ValueError, match=message):
@@ -99,8 +104,13 @@ def _escape(text: str) -> str:
     return text.replace(":", "\\:").replace("|", "\\|")
 
 
-@given(st.lists(st.tuples(words, numbers, st.one_of(st.none(), numbers)), min_size=1, max_size=4))
+stops = st.floats(min_value=0, max_value=4.9)
+
+
+@given(st.lists(st.tuples(words, numbers, st.one_of(st.none(), stops)), min_size=1, max_size=4))
 def test_round_trip_of_escaped_prompts(items):
+    # a repelling prompt's stop is negative (compared with the signed distance)
+    items = [(t, w, None if s is None else math.copysign(s, w)) for t, w, s in items]
     text = "|".join(f"{_escape(t)}:{w!r}" + (f":{s!r}" if s is not None else "")
                     for t, w, s in items)
     parsed = parse_text_prompts(text)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import re
@@ -52,26 +53,45 @@ def cmd_download(args: argparse.Namespace) -> int:
     return 0
 
 
-_OVERRIDE = re.compile(r"^[A-Za-z_][\w.]*=")
+_OVERRIDE = re.compile(r"^([A-Za-z_][\w.]*)=")
 
 
-def _run_folder(prompt: str) -> Path:
-    """A new folder under outputs/ named by date and a slug of the prompt."""
+def _is_override(arg: str) -> bool:
+    """``key=value`` for a config key; anything else (``"E=mc2 poster"``) is a prompt."""
+    from .config import FLAT_KEYS, GenerateConfig
+
+    m = _OVERRIDE.match(arg)
+    if m is None:
+        return False
+    groups = {f.name for f in dataclasses.fields(GenerateConfig)}
+    return m[1] in FLAT_KEYS or m[1].split(".")[0] in groups
+
+
+def _claim_run_folder(prompt: str) -> Path:
+    """Create a new folder under outputs/ named by date and a slug of the prompt.
+
+    Created here, with ``exist_ok=False``, so that two runs started in the same second (one per
+    GPU, say) never share one.
+    """
     slug = re.sub(r"[^a-z0-9]+", "-", prompt.lower().split("|")[0]).strip("-")[:40].strip("-")
     base = Path("outputs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{slug or 'image'}"
-    folder, n = base, 1
-    while folder.exists():
-        n += 1
-        folder = base.with_name(f"{base.name}-{n}")
-    return folder
+    base.parent.mkdir(parents=True, exist_ok=True)
+    for n in range(1, 1000):
+        folder = base if n == 1 else base.with_name(f"{base.name}-{n}")
+        try:
+            folder.mkdir()
+            return folder
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"could not make a new run folder beside {base}")
 
 
 def generate_config(args: argparse.Namespace):
     """The config a ``vqclip generate`` command line describes (checked, output path filled in)."""
     from .config import FLAT_KEYS, load_config, require_target
 
-    prompts = [a for a in args.rest if not _OVERRIDE.match(a)]
-    overrides = [a for a in args.rest if _OVERRIDE.match(a)]
+    prompts = [a for a in args.rest if not _is_override(a)]
+    overrides = [a for a in args.rest if _is_override(a)]
     if len(prompts) > 1:
         raise ValueError(f"one prompt only, got {len(prompts)} words: quote it, e.g. "
                          f"vqclip generate \"{' '.join(prompts)}\"")
@@ -81,15 +101,29 @@ def generate_config(args: argparse.Namespace):
     cfg = load_config(preset=args.preset, files=[args.config] if args.config else (),
                       overrides=overrides, **flags)
     require_target(cfg)
+    from .device import resolve_device
+    from .generator import check_outputs, check_precision
+
+    check_precision(cfg.precision, resolve_device(cfg.device))
     if cfg.output.path is None:  # a fresh run folder; never overwrites anything
-        cfg.output.path = str(_run_folder(cfg.prompts.text) / "final.png")
+        cfg.output.path = str(_claim_run_folder(cfg.prompts.text) / "final.png")
+    check_outputs(cfg)  # before the models load, not after
     return cfg
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    cfg = generate_config(args)
+    try:
+        return _generate(cfg, args)
+    finally:  # a failed run leaves no empty run folder behind
+        folder = Path(cfg.output.path).parent
+        if folder.parent == Path("outputs") and folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
+
+
+def _generate(cfg, args: argparse.Namespace) -> int:
     from .generator import GenerationInterrupted, Generator
 
-    cfg = generate_config(args)
     start = time.perf_counter()
     gen = Generator.load(cfg)
     log.info("models loaded in %.1f s on %s", time.perf_counter() - start, gen.device)
@@ -107,6 +141,34 @@ def cmd_generate(args: argparse.Namespace) -> int:
     log.info("%d steps in %.1f s (%.3f s/step), seed %d", result.steps_done, t["steps"],
              t["per_step"], result.seeds[0])
     return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    import torch
+
+    from . import train
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    kw = {k: v for k, v in dict(steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                                seed=args.seed, save_every=args.save_every).items() if v is not None}
+    out = Path(args.out or f"{args.model}.safetensors")
+    start = time.perf_counter()
+    if args.model == "shapes-vqgan":
+        train.train_vqgan(out, progress=not args.quiet, log_file=args.log, **kw)
+    else:
+        train.train_clip(out, progress=not args.quiet, log_file=args.log, init=args.init, **kw)
+    log.info("trained in %.0f s", time.perf_counter() - start)
+    print(out)
+    return 0
+
+
+def _add_verbosity(parser: argparse.ArgumentParser, default) -> None:
+    # on the main parser and on each command, so `vqclip generate -q` works as `vqclip -q generate`
+    parser.add_argument("-v", "--verbose", action="store_true", default=default,
+                        help="log debug messages")
+    parser.add_argument("-q", "--quiet", action="store_true", default=default,
+                        help="only warnings and errors; no progress bars")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -162,6 +224,7 @@ def _add_generate(sub) -> None:
     g.add_argument("--save-every", dest="save_every", type=int, metavar="N",
                    help="steps between video frames")
     g.add_argument("--overwrite", action="store_const", const=True, help="replace existing files")
+    _add_verbosity(p, argparse.SUPPRESS)
     p.set_defaults(func=cmd_generate)
 
 
@@ -169,15 +232,31 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="vqclip", description="Text-to-image generation guided by CLIP (VQGAN+CLIP).")
     parser.add_argument("--version", action="version", version=f"vqclip {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
-    parser.add_argument("-q", "--quiet", action="store_true",
-                        help="only warnings and errors; no progress bars")
+    _add_verbosity(parser, False)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_generate(sub)
+
+    p = sub.add_parser("train", help="train the bundled offline models on the shapes world",
+                       description="Train the tiny VQGAN or CLIP of the shapes preset. Reproducible "
+                                   "from --seed; saves a safetensors checkpoint every --save-every "
+                                   "steps, so an interrupted run keeps its progress.")
+    p.add_argument("model", choices=["shapes-vqgan", "shapes-clip"])
+    p.add_argument("--out", metavar="FILE.safetensors", help="default: <model>.safetensors here")
+    p.add_argument("--steps", type=int)
+    p.add_argument("--batch-size", dest="batch_size", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--save-every", dest="save_every", type=int)
+    p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument("--log", metavar="FILE.jsonl", help="append loss records here")
+    p.add_argument("--init", metavar="FILE.safetensors", help="shapes-clip: continue from these")
+    _add_verbosity(p, argparse.SUPPRESS)
+    p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("models", help="list the weight registry and what is present locally")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--cache-dir", help="download cache (default: $VQCLIP_CACHE or ~/.cache/vqclip)")
+    _add_verbosity(p, argparse.SUPPRESS)
     p.set_defaults(func=cmd_models)
 
     p = sub.add_parser("download", help="fetch weights into the cache (resumes, verifies)",
@@ -187,6 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("names", nargs="+", metavar="NAME", help="registry name, e.g. imagenet_f16_16384")
     p.add_argument("--cache-dir", help="download cache (default: $VQCLIP_CACHE or ~/.cache/vqclip)")
     p.add_argument("--force", action="store_true", help="download again even if present")
+    _add_verbosity(p, argparse.SUPPRESS)
     p.set_defaults(func=cmd_download)
     return parser
 

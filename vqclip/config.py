@@ -10,6 +10,8 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -27,6 +29,7 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 AUGMENTS = ("affine", "perspective", "jitter", "erasing", "noise", "flip", "sharpness")
 MAX_SIDE = 4096  # pixels; beyond this a VQGAN decoder needs tens of GB for activations
 MAX_CANDIDATES = 64
+MAX_LR = 100.0  # latents live in the codebook's range (about ±5 for the official models)
 
 
 @dataclass
@@ -139,13 +142,19 @@ def load_config(config: GenerateConfig | DictConfig | dict | None = None, *,
         layers.append((str(path), _read_yaml(Path(path))))
     given = {FLAT_KEYS[k]: _plain(v) for k, v in kwargs.items() if v is not None}
     layers.append(("arguments", _nest(given)))
-    dotlist = []
+    dotlist, strings = [], {}
     for item in overrides:
         key, eq, value = item.partition("=")
         if not eq:
             raise ValueError(f"override {item!r} is not key=value")
-        dotlist.append(f"{FLAT_KEYS.get(key.strip(), key.strip())}={value}")  # steps=50 works too
+        key = FLAT_KEYS.get(key.strip(), key.strip())  # steps=50 works too
+        if key in _string_keys():  # taken as typed: YAML would read 16:9 as 969
+            strings[key] = value
+        else:
+            dotlist.append(f"{key}={value}")
     layers.append(("overrides", dotlist))
+    if strings:
+        layers.append(("overrides", _nest(strings)))
 
     cfg = OmegaConf.structured(GenerateConfig)
     for source, layer in layers:
@@ -175,7 +184,10 @@ def check_config(cfg: DictConfig) -> None:
                                       f"{', '.join(PRECISIONS)}")
     need(cfg.optim.name in OPTIMIZERS, f"unknown optimizer {cfg.optim.name!r}; "
                                        f"available: {', '.join(OPTIMIZERS)}")
-    need(cfg.optim.lr > 0, f"lr must be > 0, got {cfg.optim.lr}")
+    for key in ("optim.lr", "cutouts.cut_pow", "prompts.init_weight", "tv_weight"):
+        value = OmegaConf.select(cfg, key)
+        need(math.isfinite(value), f"{key} must be a finite number, got {value}")
+    need(0 < cfg.optim.lr <= MAX_LR, f"lr must be in (0, {MAX_LR}], got {cfg.optim.lr}")
     need(cfg.optim.steps >= 0, f"steps must be >= 0, got {cfg.optim.steps}")
     need(cfg.cutouts.cutn >= 1, f"cutn must be >= 1, got {cfg.cutouts.cutn}")
     need(cfg.cutouts.cut_pow > 0, f"cut_pow must be > 0, got {cfg.cutouts.cut_pow}")
@@ -206,6 +218,19 @@ def require_target(cfg: DictConfig) -> None:
     """Raise ValueError unless the config has something to aim for (a prompt of some kind)."""
     if not (cfg.prompts.text.strip() or cfg.prompts.images or cfg.prompts.noise):
         raise ValueError("nothing to aim for: give a text prompt, an image prompt or a noise prompt")
+
+
+def _string_keys(schema: type = GenerateConfig, prefix: str = "") -> set[str]:
+    """Dotted keys of the schema's ``str``/``Optional[str]`` fields."""
+    keys = set()
+    for f in dataclasses.fields(schema):
+        kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", "")
+        if kind in ("str", "Optional[str]"):
+            keys.add(prefix + f.name)
+        elif dataclasses.is_dataclass(f.default_factory if f.default_factory is not dataclasses.MISSING
+                                      else None):
+            keys |= _string_keys(f.default_factory, f"{prefix}{f.name}.")
+    return keys
 
 
 def _preset_path(name: str) -> Path:

@@ -27,7 +27,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 from . import __version__
 from .config import GenerateConfig, load_config, require_target
 from .cutouts import MakeCutouts, SeedStreams
-from .images import load_image, save_png, to_pil, to_tensor
+from .images import atomic_path, load_image, save_png, to_pil, to_tensor
 from .losses import init_loss, prompt_loss, tv_loss
 from .prompts import (
     Target,
@@ -50,7 +50,8 @@ from .prompts import (
 )
 from .video import VideoWriter, choose_fps
 
-__all__ = ["GenerationError", "GenerationInterrupted", "GenerationResult", "Generator", "generate"]
+__all__ = ["GenerationError", "GenerationInterrupted", "GenerationResult", "Generator",
+           "check_outputs", "check_precision", "generate"]
 
 log = logging.getLogger(__name__)
 
@@ -114,9 +115,8 @@ class GenerationResult:
                     for key, value in info.items()}
             written.append(save_png(self.images[k], path_k, text))
             sidecar = path_k.with_suffix(".yaml")
-            tmp = sidecar.with_name(f".{sidecar.name}.tmp-{os.getpid()}")
-            tmp.write_text(OmegaConf.to_yaml(info))
-            os.replace(tmp, sidecar)
+            with atomic_path(sidecar) as tmp:
+                tmp.write_text(OmegaConf.to_yaml(info))
             written.append(sidecar)
         self.files.extend(written)
         return written
@@ -176,11 +176,13 @@ class Generator:
         cfg.device = str(device)
         return cls(vqgan, clip, cfg)
 
-    def generate(self, config: DictConfig | dict | None = None, *, callback: Callback | None = None,
-                 progress: bool = False, overrides: list[str] = (), **kwargs: Any) -> GenerationResult:
+    def generate(self, prompt: str | None = None, *, config: DictConfig | dict | None = None,
+                 callback: Callback | None = None, progress: bool = False,
+                 overrides: list[str] = (), **kwargs: Any) -> GenerationResult:
         """Run the loop.
 
         Args:
+            prompt: the text prompt (``"a:1|b:-0.5"``); by default the config's.
             config: a full config; by default this generator's, with ``kwargs`` over it.
             callback: called as ``callback(step, {"image", "loss", "z"})`` before each update, with
                 the decoded images ``(K, 3, H, W)``, the losses ``(K,)`` and the latents.
@@ -194,6 +196,11 @@ class Generator:
             (set ``overwrite``). GenerationError: NaN loss or out of memory.
             GenerationInterrupted: Ctrl-C; ``.result`` has what was made, saved as configured.
         """
+        if prompt is not None:
+            kwargs["prompt"] = prompt
+        device = kwargs.pop("device", None)
+        if device is not None and device != "auto" and torch.device(device) != self.device:
+            raise ValueError(f"this Generator runs on {self.device}; load another for {device}")
         cfg = load_config(config if config is not None else self.config, overrides=overrides,
                           **kwargs)
         if OmegaConf.to_container(cfg.models) != OmegaConf.to_container(self.config.models):
@@ -201,8 +208,7 @@ class Generator:
                              f"{self.config.models.clip}; load another for {cfg.models.vqgan} + "
                              f"{cfg.models.clip}")
         cfg.device = str(self.device)
-        with _memory_errors(cfg):
-            return self._run(cfg, callback, progress)
+        return _memory_errors(cfg, lambda: self._run(cfg, callback, progress))
 
     def _run(self, cfg: DictConfig, callback: Callback | None, progress: bool) -> GenerationResult:
         t0 = time.perf_counter()
@@ -240,11 +246,11 @@ class Generator:
     def _settle(self, cfg: DictConfig) -> None:
         """Check what only a run can check, fill in size and seed, refuse to overwrite outputs."""
         require_target(cfg)
-        self._autocast(cfg)  # an unusable precision fails now, not after the setup
+        check_precision(cfg.precision, self.device)
         cfg.size = [self._round_side(s) for s in cfg.size]
         if cfg.seed is None:
             cfg.seed = int.from_bytes(os.urandom(4), "little") >> 1
-        _planned_outputs(cfg)  # before any work, not after
+        check_outputs(cfg)  # before any work, not after
 
     def _loop(self, cfg, z, cutouts, streams, targets, video, callback, progress):
         """The optimization; Ctrl-C ends it early and keeps the current state."""
@@ -259,6 +265,9 @@ class Generator:
             try:
                 for step in range(cfg.optim.steps):
                     image, loss = self._step(cfg, step, z, z_init, opt, cutouts, streams, targets)
+                    if not torch.isfinite(z).all():  # the update itself can overflow
+                        raise GenerationError(f"the latents became NaN or inf in step {step}'s "
+                                              f"update; try a lower lr (now {cfg.optim.lr})")
                     torch.clamp_(z.data, lo, hi)
                     losses.append(loss.cpu())
                     bar.update()
@@ -304,8 +313,6 @@ class Generator:
         """Mixed precision for the decoder and CLIP when ``precision`` asks for it (opt-in)."""
         if cfg.precision == "fp32":
             return contextlib.nullcontext()
-        if cfg.precision == "fp16" and self.device.type == "cpu":
-            raise ValueError("precision fp16 needs a GPU; on the CPU use bf16")
         dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float16
         return torch.autocast(self.device.type, dtype=dtype)
 
@@ -343,31 +350,54 @@ class Generator:
         return self.vqgan.codebook[torch.stack(codes).to(self.device)].permute(0, 3, 1, 2).clone()
 
 
-def generate(config: DictConfig | dict | None = None, *, callback: Callback | None = None,
-             progress: bool = False, download: bool = True, **kwargs: Any) -> GenerationResult:
+def generate(prompt: str | None = None, *, config: DictConfig | dict | None = None,
+             preset: str | None = None, callback: Callback | None = None, progress: bool = False,
+             download: bool = True, **kwargs: Any) -> GenerationResult:
     """Load the models a config names and run one generation (see :meth:`Generator.generate`).
 
     Example:
-        >>> result = generate(prompt="a red circle", preset="shapes", steps=50)  # doctest: +SKIP
+        >>> result = generate("a lighthouse", preset="imagenet", steps=50)  # doctest: +SKIP
     """
-    preset = kwargs.pop("preset", None)
+    if prompt is not None:
+        kwargs["prompt"] = prompt
     gen = Generator.load(config, preset=preset, download=download, **kwargs)
     return gen.generate(callback=callback, progress=progress)
 
 
-def _planned_outputs(cfg: DictConfig) -> list[Path]:
-    """The files a run will write; refuses to overwrite unless ``output.overwrite``."""
+def check_outputs(cfg: DictConfig) -> list[Path]:
+    """Check, before any work, that a run's files can be written; returns them.
+
+    Refuses existing files unless ``output.overwrite``, and folders in their place; creates the
+    parent folders and tries writing in each.
+
+    Raises:
+        FileExistsError, IsADirectoryError, PermissionError (all OSError): see messages.
+    """
     paths = candidate_paths(cfg.output.path, cfg.candidates) if cfg.output.path else []
-    planned = paths + [p.with_suffix(".yaml") for p in paths]
+    planned = [*paths, *(p.with_suffix(".yaml") for p in paths)]
     if cfg.output.video:
         planned.append(Path(cfg.output.video))
-    existing = [p for p in planned if p.exists()]
-    if existing and not cfg.output.overwrite:
-        raise FileExistsError(f"{existing[0]} exists; choose another output or allow overwriting "
-                              "(--overwrite, output.overwrite=true)")
     for p in planned:
-        p.parent.mkdir(parents=True, exist_ok=True)
+        if p.is_dir():
+            raise IsADirectoryError(f"{p} is a folder; give a file name for the output")
+        if p.exists() and not cfg.output.overwrite:
+            raise FileExistsError(f"{p} exists; choose another output or allow overwriting "
+                                  "(--overwrite, output.overwrite=true)")
+    for folder in {p.parent for p in planned}:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".vqclip-write-test-{os.getpid()}"
+        try:
+            probe.touch()
+        except OSError as e:
+            raise PermissionError(f"cannot write in {folder}: {e.strerror}") from None
+        probe.unlink()
     return paths
+
+
+def check_precision(precision: str, device: torch.device) -> None:
+    """Raise ValueError if ``precision`` cannot run on ``device``."""
+    if precision == "fp16" and device.type == "cpu":
+        raise ValueError("precision fp16 needs a GPU; on the CPU use bf16")
 
 
 def _frame(images: torch.Tensor):
@@ -380,16 +410,21 @@ def _frame(images: torch.Tensor):
     return grid.clamp(0, 1).mul(255).round().to(torch.uint8).permute(1, 2, 0).numpy()
 
 
-@contextlib.contextmanager
-def _memory_errors(cfg: DictConfig) -> Iterator[None]:
-    """Turn out-of-memory errors into one line that names the settings that reduce memory."""
+def _memory_errors(cfg: DictConfig, run: Callable[[], GenerationResult]) -> GenerationResult:
+    """Run ``run``, turning out-of-memory errors into one line that names what reduces memory.
+
+    The new error is raised outside the ``except`` block, so it does not keep the original and
+    its frames (and their GPU tensors) alive in a notebook.
+    """
     try:
-        yield
-    except (torch.cuda.OutOfMemoryError, RuntimeError) as e:
-        oom = isinstance(e, torch.cuda.OutOfMemoryError) or "can't allocate memory" in str(e)
-        if not oom or isinstance(e, GenerationError):
+        return run()
+    except RuntimeError as e:  # torch.OutOfMemoryError is one; so is the CPU allocator's
+        text = str(e)
+        if isinstance(e, GenerationError) or not (
+                isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in text.lower()
+                or "can't allocate memory" in text):
             raise
-        (w, h) = cfg.size
-        raise GenerationError(
-            f"out of memory on {cfg.device} at {w}x{h} with cutn {cfg.cutouts.cutn} and "
-            f"{cfg.candidates} candidate(s): lower --size, --cutn or --candidates") from None
+    (w, h) = cfg.size
+    raise GenerationError(
+        f"out of memory on {cfg.device} at {w}x{h} with cutn {cfg.cutouts.cutn} and "
+        f"{cfg.candidates} candidate(s): lower --size, --cutn or --candidates")

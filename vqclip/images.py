@@ -25,7 +25,7 @@ def load_image(path: str | Path, size: tuple[int, int] | None = None) -> Image.I
     try:
         with Image.open(path) as im:
             image = ImageOps.exif_transpose(im).convert("RGB")
-    except (UnidentifiedImageError, OSError, ValueError) as e:
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError) as e:
         raise ValueError(f"cannot read image {path}: {e}") from None
     if size is not None:
         image = ImageOps.fit(image, tuple(size), Image.Resampling.LANCZOS)

@@ -30,12 +30,14 @@ def prompt_loss(image_embeds: torch.Tensor, target: torch.Tensor, weight: float 
                 stop: float = -math.inf) -> torch.Tensor:
     """Weighted mean spherical distance from every cutout to every target embedding.
 
-    Where a distance has passed ``stop`` (below it for a positive weight, above it for a
-    negative one), it still counts in the value but no longer gives a gradient.
+    ``stop`` is compared with the signed distance ``sign(weight) * d``, as in crowsonkb's and
+    nerdyrodent's code: where that is below ``stop`` the distance still counts in the value but
+    gives no gradient. So ``stop=0.5`` ends a pull at distance 0.5, and ``stop=-0.9`` on a
+    negative weight ends a push at distance 0.9.
     """
     d = spherical_distance(image_embeds[:, :, None], target[None, None])  # (K, n, T)
     if math.isfinite(stop):
-        done = d < stop if weight > 0 else d > stop
+        done = math.copysign(1.0, weight) * d < stop
         d = torch.where(done, d.detach(), d)
     return weight * d.mean(dim=(1, 2))
 

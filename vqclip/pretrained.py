@@ -194,6 +194,10 @@ def download(name: str, cache_dir: str | Path | None = None, progress: bool = Tr
     found = None if force else find_local(name, cache_dir)
     if found is not None:
         return found
+    if entry.get("bundled"):
+        raise DownloadError(f"{name} ships with vqclip in {PROJECT_CHECKPOINTS / _local_dir(name)}, "
+                            "but its files are missing or changed; restore them (git checkout "
+                            "checkpoints/, or reinstall)")
     if os.environ.get("VQCLIP_OFFLINE") == "1":
         raise DownloadError("VQCLIP_OFFLINE=1: " + _missing_message(name, cache_dir))
     folder = get_cache_dir(cache_dir) / _local_dir(name)

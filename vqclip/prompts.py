@@ -2,8 +2,9 @@
 
 Syntax:
     Text prompts: ``"text[:weight[:stop]]"``, several joined by ``|``. A negative weight repels.
-    ``stop`` ends a prompt's pull once its distance falls below it (a repelling prompt's push,
-    once its distance rises above it). Text may contain colons (URLs, "16:9"): only the trailing
+    ``stop`` ends a prompt's pull once its spherical distance (0..4.93) falls below it. For a
+    repelling prompt it is negative, as in the original notebooks: ``"text:-1:-0.9"`` stops
+    pushing once the distance passes 0.9. Text may contain colons (URLs, "16:9"): only the trailing
     fields that are plain numbers count, at most two. Write ``\\:`` for a colon that must stay
     text even before a number ("a poster in 16\\:9"), and ``\\|`` for a literal bar.
     Image prompts: ``"path[:weight]"``. Noise prompts: ``"seed[:weight]"`` (a random embedding).
@@ -30,6 +31,7 @@ log = logging.getLogger(__name__)
 _NUMBER = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?")
 _COLON = re.compile(r"(?<!\\):")
 _BAR = re.compile(r"(?<!\\)\|")
+MAX_DISTANCE = math.pi ** 2 / 2  # the spherical distance between opposite directions
 
 
 @dataclass(frozen=True)
@@ -58,6 +60,8 @@ def _split(spec: str, max_numbers: int, what: str) -> tuple[str, list[float]]:
     while len(fields) > 1 and len(numbers) < max_numbers and _NUMBER.fullmatch(fields[-1].strip()):
         numbers.insert(0, float(fields.pop().strip()))
     head = ":".join(fields).replace("\\:", ":").strip()
+    if not all(math.isfinite(x) for x in numbers):
+        raise ValueError(f"{what} {spec!r}: weights and stops must be finite numbers")
     if not head:
         raise ValueError(f"{what} {spec!r} has no {'text' if what == 'prompt' else what} before "
                          "its numbers")
@@ -86,8 +90,20 @@ def parse_text_prompts(text: str) -> list[Prompt]:
         if not part.strip():
             raise ValueError(f"empty prompt in {text!r} (two bars in a row, or one at an end)")
         head, numbers = _split(part.strip(), 2, "prompt")
+        if len(numbers) == 2:
+            _check_stop(part.strip(), *numbers)
         prompts.append(Prompt(head.replace("\\|", "|"), *numbers))
     return prompts
+
+
+def _check_stop(spec: str, weight: float, stop: float) -> None:
+    # stop is compared with the signed distance, as in the original notebooks: a repelling
+    # prompt's stop is negative ("text:-1:-0.9" stops pushing once the distance passes 0.9)
+    if weight > 0 and not 0 <= stop <= MAX_DISTANCE:
+        raise ValueError(f"prompt {spec!r}: stop must be a distance in 0..{MAX_DISTANCE:.2f}")
+    if weight < 0 and not -MAX_DISTANCE <= stop <= 0:
+        raise ValueError(f"prompt {spec!r}: a repelling prompt's stop is a negative distance in "
+                         f"-{MAX_DISTANCE:.2f}..0 (-0.9 stops pushing once the distance passes 0.9)")
 
 
 def parse_image_prompt(spec: str) -> Prompt:

@@ -115,6 +115,11 @@ def load_clip(arch: str, pretrained: str | Path | None = None, *, device: str | 
     device = resolve_device(device)
     if pretrained is None and "/" in arch and arch in registry.CLIP_MODELS:
         arch, pretrained = arch.split("/", 1)
+    entry = registry.CLIP_MODELS.get(f"{arch}/{pretrained}") if isinstance(pretrained, str) else None
+    if config is None and entry is not None and "config" in entry["files"]:
+        # a custom architecture whose model config ships beside its weights (the bundled models)
+        config = registry.resolve(f"{arch}/{pretrained}", cache_dir=cache_dir,
+                                  allow_download=download)["config"]
     if config is not None:
         register_clip_config(config)
     if arch not in open_clip.list_models():
