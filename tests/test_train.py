@@ -1,0 +1,48 @@
+"""Training of the shapes models: a few real steps, the loss falls, the checkpoints load back."""
+
+import json
+
+import torch
+
+from vqclip.models.clip import load_clip
+from vqclip.models.vqgan import load_vqgan
+from vqclip.train import SHAPES_CLIP_ARCH, train_clip, train_vqgan
+
+
+def _losses(log):
+    return [json.loads(line)["loss"] for line in log.read_text().splitlines()]
+
+
+def test_vqgan_training_smoke(tmp_path):
+    torch.set_num_threads(1)  # the runs are deterministic on one thread, so this test is too
+    log = tmp_path / "vq.jsonl"
+    out = train_vqgan(tmp_path / "vq.safetensors", steps=12, batch_size=4, lr=2e-3, save_every=6,
+                      progress=False, log_file=log, log_every=1)
+    losses = _losses(log)
+    assert len(losses) == 12 and sum(losses[-3:]) < sum(losses[:3])
+    model = load_vqgan(out)  # the vqclip safetensors format, config in the header
+    assert model.codebook.shape == (256, 32) and model.downsample_factor == 4
+    with torch.no_grad():
+        image = model.decode(model.quantize_latents(model.encode(torch.rand(1, 3, 64, 64))))
+    assert image.shape == (1, 3, 64, 64)
+
+
+def test_clip_training_smoke(tmp_path):
+    torch.set_num_threads(1)
+    log = tmp_path / "clip.jsonl"
+    out = train_clip(tmp_path / "clip.safetensors", steps=8, batch_size=16, save_every=4,
+                     progress=False, log_file=log, log_every=1)
+    losses = _losses(log)
+    assert len(losses) == 8 and sum(losses[-2:]) < sum(losses[:2])
+    clip = load_clip(SHAPES_CLIP_ARCH, out, config=tmp_path / f"{SHAPES_CLIP_ARCH}.json")
+    assert clip.input_size == 64
+    assert clip.tokenizer(["a red circle"]).shape == (1, 32)  # open_clip's BPE, short context
+
+
+def test_train_command(tmp_path, capsys):
+    from vqclip.cli import main
+
+    out = tmp_path / "v.safetensors"
+    assert main(["-q", "train", "shapes-vqgan", "--steps", "2", "--batch-size", "2", "--out",
+                 str(out), "--threads", "1"]) == 0
+    assert capsys.readouterr().out.strip() == str(out) and load_vqgan(out).downsample_factor == 4

@@ -1,0 +1,235 @@
+"""Training of the bundled offline pair on the shapes world: a tiny VQGAN and a tiny CLIP.
+
+Both are the real architectures vqclip loads for the official models (taming's Encoder/Decoder/
+VectorQuantizer2, an open_clip CLIP from a model config), only small. Training streams freshly
+rendered scenes, is reproducible from a seed, and saves safetensors checkpoints as it goes
+(atomically), so an interrupted run keeps its last checkpoint.
+
+CLIP is trained on what the generation loop shows it: whole images through the loop's own
+Kornia augmentations. It can also be given negatives, images that must match none of the
+captions (for instance images the loop made that the judge rejects), which the contrastive loss
+pushes away from every text.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .checkpoints import save_safetensors
+from .cutouts import build_augments
+from .models.vqgan import VQGAN, VQGANConfig
+from .shapes import COLOURS, SHAPES, batch, caption
+
+__all__ = ["SHAPES_CLIP_ARCH", "SHAPES_CLIP_CONFIG", "SHAPES_VQGAN_CONFIG", "eval_clip",
+           "eval_vqgan", "train_clip", "train_vqgan"]
+
+log = logging.getLogger(__name__)
+
+# 64×64 images, f4: a 16×16 grid of 256 codes. GroupNorm in taming needs multiples of 32 channels.
+SHAPES_VQGAN_CONFIG = VQGANConfig(kind="vq", embed_dim=32, n_embed=256, ddconfig=dict(
+    double_z=False, z_channels=32, resolution=64, in_channels=3, out_ch=3, ch=32, ch_mult=[1, 2, 2],
+    num_res_blocks=1, attn_resolutions=[], dropout=0.0))
+SHAPES_CLIP_ARCH = "vqclip-shapes"
+SHAPES_CLIP_CONFIG = {
+    "embed_dim": 64,
+    "vision_cfg": {"image_size": 64, "layers": 4, "width": 128, "patch_size": 8, "head_width": 32},
+    "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 3},
+}
+LABELS = [(c, s) for c in COLOURS for s in SHAPES]  # the 24 single-object classes
+
+
+def _schedule(opt: torch.optim.Optimizer, steps: int):
+    """Linear warm-up over a tenth of the run (200 steps at most), then cosine decay."""
+    warmup = max(1, min(200, steps // 10))
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (i + 1) / warmup) * 0.5 * (
+        1 + math.cos(math.pi * min(i, steps) / steps)))
+
+
+def _save(state: dict, path: Path, metadata: dict[str, str]) -> None:
+    save_safetensors({k: v.detach().cpu().contiguous() for k, v in state.items()}, path, metadata)
+
+
+# ---------------------------------------------------------------------------------------- VQGAN
+
+
+def _vq_forward(model: VQGAN, x: torch.Tensor):
+    h = model.quant_conv(model.encoder(x * 2 - 1))
+    z_q, q_loss, (_, _, indices) = model.quantize(h)
+    rec = model.decoder(model.post_quant_conv(z_q)).add(1).div(2)  # [0, 1], unclamped
+    return rec, q_loss, h, indices
+
+
+def train_vqgan(out: str | Path, steps: int = 6000, batch_size: int = 32, lr: float = 1e-3,
+                seed: int = 0, save_every: int = 500, progress: bool = True,
+                log_file: str | Path | None = None, log_every: int = 50) -> Path:
+    """Train the shapes VQGAN: L1 + MSE + codebook loss, with dead-code restarts.
+
+    Codes unused over the last 50 steps are moved onto random encoder outputs, so the whole
+    codebook stays in use (a standard fix for codebook collapse, e.g. Jukebox, arXiv:2005.00341).
+    """
+    out = Path(out)
+    torch.manual_seed(seed)
+    model = VQGAN(SHAPES_VQGAN_CONFIG).train()
+    opt = torch.optim.Adam(model.parameters(), lr=lr, betas=(0.9, 0.99))
+    sched = _schedule(opt, steps)
+    usage = torch.zeros(SHAPES_VQGAN_CONFIG.n_embed)
+    meta = {"vqclip.vqgan_config": SHAPES_VQGAN_CONFIG.to_json()}
+    bar = tqdm(range(steps), disable=not progress, desc="shapes-vqgan", unit="step")
+    for step in bar:
+        x, _ = batch(step * batch_size, batch_size, "train")
+        if step == 0:  # codes start on encoder outputs, not on taming's tiny uniform init
+            with torch.no_grad():
+                h = model.quant_conv(model.encoder(x * 2 - 1)).movedim(1, -1).flatten(0, 2)
+                model.codebook.copy_(h[torch.randint(len(h), (model.codebook.shape[0],))])
+        rec, q_loss, h, indices = _vq_forward(model, x)
+        loss = F.l1_loss(rec, x) + F.mse_loss(rec, x) + q_loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        usage += torch.bincount(indices.flatten(), minlength=usage.numel())
+        if step % 50 == 49:
+            _restart_dead_codes(model, usage, h.detach())
+            usage.zero_()
+        if step % log_every == 0:
+            psnr = -10 * math.log10(F.mse_loss(rec.clamp(0, 1), x).item())
+            bar.set_postfix(loss=f"{loss.item():.4f}", psnr=f"{psnr:.1f}")
+            _log(log_file, {"step": step, "loss": loss.item(), "psnr": psnr})
+        if (step + 1) % save_every == 0 or step + 1 == steps:
+            _save(model.state_dict(), out, meta)
+    return out
+
+
+@torch.no_grad()
+def _restart_dead_codes(model: VQGAN, usage: torch.Tensor, h: torch.Tensor) -> None:
+    dead = (usage == 0).nonzero().flatten()
+    if len(dead) == 0:
+        return
+    vectors = h.movedim(1, -1).reshape(-1, h.shape[1])
+    pick = torch.randint(len(vectors), (len(dead),))
+    model.codebook[dead] = vectors[pick] + 0.01 * torch.randn(len(dead), h.shape[1])
+
+
+@torch.no_grad()
+def eval_vqgan(model: VQGAN, n: int = 500, split: str = "val") -> dict[str, float]:
+    """PSNR of reconstructions, and how often the judge reads the same colour and shape."""
+    from .judge import judge
+
+    model.eval()
+    x, scenes = batch(0, n, split, num_objects=1)
+    rec = torch.cat([model.decode(model.quantize_latents(model.encode(c))) for c in x.split(100)])
+    mse = (rec - x).pow(2).flatten(1).mean(1)
+    kept = [judge(r).matches(s.objects[0].colour, s.objects[0].shape)
+            for r, s in zip(rec, scenes, strict=True)]
+    return {"psnr": (-10 * mse.log10()).mean().item(), "judge_kept": sum(kept) / n}
+
+
+# ----------------------------------------------------------------------------------------- CLIP
+
+
+def register_shapes_clip(folder: str | Path) -> str:
+    """Write the tiny CLIP's open_clip config JSON to ``folder`` and register it."""
+    from .models.clip import register_clip_config
+
+    path = Path(folder) / f"{SHAPES_CLIP_ARCH}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(SHAPES_CLIP_CONFIG, indent=2) + "\n")
+    return register_clip_config(path)
+
+
+def _clip_batch(start: int, n: int, rng: random.Random, augs) -> tuple[torch.Tensor, list[str]]:
+    x, scenes = batch(start, n, "train")
+    texts = [caption(s, rng=rng) for s in scenes]
+    return augs(x).clamp(0, 1), texts
+
+
+def train_clip(out: str | Path, steps: int = 4000, batch_size: int = 128, lr: float = 1e-3,
+               seed: int = 0, save_every: int = 500, progress: bool = True,
+               negatives: Callable[[int], torch.Tensor] | None = None,
+               init: str | Path | None = None, log_file: str | Path | None = None,
+               log_every: int = 50) -> Path:
+    """Train the tiny CLIP contrastively on augmented renders and their captions.
+
+    Args:
+        negatives: ``negatives(step) -> (M, 3, 64, 64)`` images that match no caption, or None.
+        init: a checkpoint to continue from (for rounds of negative mining).
+    """
+    import open_clip
+
+    from .checkpoints import read_state_dict
+
+    out = Path(out)
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    register_shapes_clip(out.parent)
+    model = open_clip.create_model(SHAPES_CLIP_ARCH)
+    if init is not None:
+        model.load_state_dict(read_state_dict(init))
+    model.train()
+    pp = open_clip.get_model_preprocess_cfg(model)
+    mean, std = torch.tensor(pp["mean"]), torch.tensor(pp["std"])
+    augs = build_augments(["affine", "perspective", "jitter", "erasing", "noise"])
+    tokenizer = open_clip.get_tokenizer(SHAPES_CLIP_ARCH)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1, betas=(0.9, 0.98))
+    sched = _schedule(opt, steps)
+    bar = tqdm(range(steps), disable=not progress, desc="shapes-clip", unit="step")
+    for step in bar:
+        images, texts = _clip_batch(step * batch_size, batch_size, rng, augs)
+        if negatives is not None:
+            images = torch.cat([images, negatives(step)])
+        img = F.normalize(model.encode_image((images - mean[:, None, None]) / std[:, None, None]), dim=-1)
+        txt = F.normalize(model.encode_text(tokenizer(texts)), dim=-1)
+        logits = model.logit_scale.exp() * txt @ img.T  # (n texts, n images incl. negatives)
+        # captions repeat within a batch ("a red circle"): all images with that caption are right
+        same = torch.tensor([[a == b for b in texts] for a in texts], dtype=torch.float32)
+        target_t = F.pad(same, (0, img.shape[0] - len(texts)))
+        loss_t = torch.sum(-target_t / target_t.sum(1, keepdim=True) * logits.log_softmax(1), 1).mean()
+        logits_i = logits[:, :len(texts)].T
+        loss_i = torch.sum(-same / same.sum(1, keepdim=True) * logits_i.log_softmax(1), 1).mean()
+        loss = (loss_t + loss_i) / 2
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, math.log(100))
+        if step % log_every == 0:
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+            _log(log_file, {"step": step, "loss": loss.item()})
+        if (step + 1) % save_every == 0 or step + 1 == steps:
+            _save(model.state_dict(), out, {"vqclip.clip_arch": SHAPES_CLIP_ARCH})
+    return out
+
+
+@torch.no_grad()
+def eval_clip(clip, n: int = 480, split: str = "val") -> dict[str, float]:
+    """Zero-shot accuracy over the 24 "a {colour} {shape}" classes on clean single-object renders."""
+    texts = [f"a {c} {s}" for c, s in LABELS]
+    t = F.normalize(clip.encode_text(texts), dim=-1)
+    x, scenes = batch(0, n, split, num_objects=1)
+    x = F.interpolate(x, size=clip.input_size, mode="bilinear", antialias=True) \
+        if x.shape[-1] != clip.input_size else x
+    i = F.normalize(torch.cat([clip.encode_image(c) for c in x.split(120)]), dim=-1)
+    pred = (i @ t.T).argmax(1)
+    truth = torch.tensor([LABELS.index((s.objects[0].colour, s.objects[0].shape)) for s in scenes])
+    return {"accuracy": (pred == truth).float().mean().item(),
+            "colour_accuracy": sum(LABELS[p][0] == LABELS[t][0] for p, t in zip(pred, truth,
+                                                                             strict=True)) / n,
+            "shape_accuracy": sum(LABELS[p][1] == LABELS[t][1] for p, t in zip(pred, truth,
+                                                                            strict=True)) / n}
+
+
+def _log(path: str | Path | None, record: dict) -> None:
+    if path is not None:
+        with open(path, "a") as f:
+            f.write(json.dumps({"time": round(time.time(), 1), **record}) + "\n")
