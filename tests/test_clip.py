@@ -126,3 +126,31 @@ def test_registry_tag_wins_over_a_folder_of_that_name(tmp_path, monkeypatch):
     monkeypatch.setenv("VQCLIP_OFFLINE", "1")
     with pytest.raises(pretrained.DownloadError, match="vqclip download ViT-B-32/openai"):
         load_clip("ViT-B-32", "openai")
+
+
+def test_a_registry_entry_can_ship_its_architecture_config(tiny_weights, monkeypatch,
+                                                          isolated_cache):
+    """The bundled models' path: the arch is unknown to open_clip until its JSON is read."""
+    import open_clip
+
+    arch = "vqclip-test-shipped"
+    name = f"{arch}/v1"
+    monkeypatch.setitem(pretrained.CLIP_MODELS, name, {
+        "arch": arch, "pretrained": "v1", "description": "test", "license": "test", "files": {
+            "weights": pretrained.RemoteFile("http://127.0.0.1:9/w", "w.safetensors"),
+            "config": pretrained.RemoteFile("http://127.0.0.1:9/c", f"{arch}.json")}})
+    folder = isolated_cache / name.replace("/", "--")
+    save_safetensors(tiny_weights, folder / "w.safetensors")
+    (folder / f"{arch}.json").write_text(json.dumps(TINY_CLIP))
+    assert arch not in open_clip.list_models()
+    clip = load_clip(name, download=False)
+    assert clip.name == name and torch.equal(clip.model.state_dict()["text_projection"],
+                                             tiny_weights["text_projection"])
+
+
+def test_bundled_models_are_never_downloaded(monkeypatch, isolated_cache):
+    monkeypatch.setitem(pretrained.CLIP_MODELS, "vqclip-test-bundled/v1", {
+        "arch": "x", "pretrained": "v1", "description": "test", "license": "test", "bundled": True,
+        "files": {"weights": pretrained.RemoteFile("", "w.safetensors")}})
+    with pytest.raises(pretrained.DownloadError, match="ships with vqclip in .*checkpoints.*restore"):
+        pretrained.download("vqclip-test-bundled/v1")
