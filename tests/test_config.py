@@ -54,6 +54,7 @@ def test_config_object_as_base_and_types_are_converted():
     ({"overrides": ["optim.lr=.inf"]}, "optim.lr must be a finite number"),
     ({"init_weight": float("nan")}, "init_weight must be a finite number"),
     ({"cutn": 0}, "cutn must be >= 1"),
+    ({"cutn": 4, "overview": 5}, "cutouts.overview must be in 0..cutn \\(4\\)"),
     ({"candidates": 0}, "candidates must be in 1..64"),
     ({"video": "x.avi"}, "must end in .mp4 or .gif"),
     ({"output": "x.jpg"}, "must end in .png"),

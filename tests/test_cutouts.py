@@ -131,3 +131,15 @@ def test_tv_and_init_losses():
     z = torch.randn(2, 4, 3, 3)
     assert torch.equal(init_loss(z, z), torch.zeros(2))
     assert init_loss(z + 2, z).tolist() == pytest.approx([2.0, 2.0])
+
+
+def test_overview_cutouts_are_the_whole_image():
+    torch.manual_seed(0)
+    image = torch.rand(1, 3, 48, 64)
+    cuts = MakeCutouts(cut_size=32, cutn=5, overview=2)(image)
+    assert cuts.shape == (5, 3, 32, 32)
+    whole = torch.nn.functional.interpolate(image, size=(32, 32), mode="bilinear", antialias=True)
+    assert torch.equal(cuts[0], whole[0]) and torch.equal(cuts[1], whole[0])
+    assert not torch.equal(cuts[2], whole[0])
+    with pytest.raises(ValueError, match="overview cutouts must be in 0..cutn"):
+        MakeCutouts(cut_size=32, cutn=2, overview=3)

@@ -63,6 +63,7 @@ class CutoutsConfig:
     cut_pow: float = 1.0  # >1 favours small cutouts, <1 large ones
     augments: list[str] = field(
         default_factory=lambda: ["affine", "perspective", "jitter", "erasing", "noise"])
+    overview: int = 0  # how many of the cutn are the whole image (then augmented like the rest)
 
 
 @dataclass
@@ -95,6 +96,7 @@ FLAT_KEYS = {
     "init_image": "prompts.init_image", "init_weight": "prompts.init_weight",
     "steps": "optim.steps", "lr": "optim.lr", "optimizer": "optim.name",
     "cutn": "cutouts.cutn", "cut_pow": "cutouts.cut_pow", "augments": "cutouts.augments",
+    "overview": "cutouts.overview",
     "vqgan": "models.vqgan", "vqgan_config": "models.vqgan_config", "clip": "models.clip",
     "clip_pretrained": "models.clip_pretrained", "clip_config": "models.clip_config",
     "output": "output.path", "video": "output.video", "save_every": "output.save_every",
@@ -191,6 +193,8 @@ def check_config(cfg: DictConfig) -> None:
     need(cfg.optim.steps >= 0, f"steps must be >= 0, got {cfg.optim.steps}")
     need(cfg.cutouts.cutn >= 1, f"cutn must be >= 1, got {cfg.cutouts.cutn}")
     need(cfg.cutouts.cut_pow > 0, f"cut_pow must be > 0, got {cfg.cutouts.cut_pow}")
+    need(0 <= cfg.cutouts.overview <= cfg.cutouts.cutn,
+         f"cutouts.overview must be in 0..cutn ({cfg.cutouts.cutn}), got {cfg.cutouts.overview}")
     for name in cfg.cutouts.augments:
         need(name in AUGMENTS, f"unknown augmentation {name!r}; available: {', '.join(AUGMENTS)}")
     need(cfg.prompts.init_weight >= 0, f"init_weight must be >= 0, got {cfg.prompts.init_weight}")

@@ -51,15 +51,18 @@ class MakeCutouts(nn.Module):
 
     A crop's side is ``min_side + (max_side - min_side) * u ** cut_pow`` with u uniform in [0, 1),
     ``max_side`` the image's shorter side and ``min_side`` the smaller of that and ``cut_size``:
-    ``cut_pow`` > 1 favours small crops (detail), < 1 large ones (composition).
+    ``cut_pow`` > 1 favours small crops (detail), < 1 large ones (composition). The first
+    ``overview`` of the ``cutn`` cutouts of each image are the whole image.
 
     Shape: ``(B, C, H, W) -> (B * cutn, C, cut_size, cut_size)``.
     """
 
     def __init__(self, cut_size: int, cutn: int, cut_pow: float = 1.0,
-                 augments: Sequence[str] = ()):
+                 augments: Sequence[str] = (), overview: int = 0):
         super().__init__()
-        self.cut_size, self.cutn, self.cut_pow = cut_size, cutn, cut_pow
+        if not 0 <= overview <= cutn:
+            raise ValueError(f"overview cutouts must be in 0..cutn ({cutn}), got {overview}")
+        self.cut_size, self.cutn, self.cut_pow, self.overview = cut_size, cutn, cut_pow, overview
         self.augs = build_augments(augments)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -68,12 +71,21 @@ class MakeCutouts(nn.Module):
         min_side = min(h, w, self.cut_size)
         cuts = []
         for image in images.split(1):
-            for _ in range(self.cutn):
+            # overview cutouts: the whole image (squashed to a square), as pixray does, so that
+            # CLIP also judges the composition and not only its parts
+            cuts += [self._resize_to_square(image)] * self.overview
+            for _ in range(self.cutn - self.overview):
                 side = int(torch.rand([]) ** self.cut_pow * (max_side - min_side) + min_side)
                 y = int(torch.randint(0, h - side + 1, ()))
                 x = int(torch.randint(0, w - side + 1, ()))
                 cuts.append(self._resize(image[:, :, y:y + side, x:x + side]))
         return self.augs(torch.cat(cuts))  # (B * cutn, C, S, S)
+
+    def _resize_to_square(self, image: torch.Tensor) -> torch.Tensor:
+        if image.shape[-2:] == (self.cut_size, self.cut_size):
+            return image
+        return F.interpolate(image, size=(self.cut_size, self.cut_size), mode="bilinear",
+                             align_corners=False, antialias=max(image.shape[-2:]) > self.cut_size)
 
     def _resize(self, cut: torch.Tensor) -> torch.Tensor:
         if cut.shape[-1] == self.cut_size:

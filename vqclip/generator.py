@@ -217,7 +217,7 @@ class Generator:
         seeds = [cfg.seed + k for k in range(K)]
         streams = SeedStreams(seeds)
         cutouts = MakeCutouts(self.clip.input_size, cfg.cutouts.cutn, cfg.cutouts.cut_pow,
-                              cfg.cutouts.augments)
+                              cfg.cutouts.augments, cfg.cutouts.overview)
         targets = self._targets(cfg, cutouts)
         z = self._init_latents(cfg, streams).requires_grad_()  # (K, D, h, w)
         video = None

@@ -35,9 +35,12 @@ __all__ = ["SHAPES_CLIP_ARCH", "SHAPES_CLIP_CONFIG", "SHAPES_VQGAN_CONFIG", "eva
 
 log = logging.getLogger(__name__)
 
-# 64×64 images, f4: a 16×16 grid of 256 codes. GroupNorm in taming needs multiples of 32 channels.
+# 64×64 images, f4: a 16×16 grid of 256 codes. taming's GroupNorm has 32 groups, so at ch=32 every
+# channel is normalized on its own, over the image: a flat background then reaches the decoder's
+# output only through the signs of its features, and colours are learned very slowly (an
+# overfitting test: MSE 0.068 after 25 steps at ch=32, 0.038 at ch=64). Hence ch=64.
 SHAPES_VQGAN_CONFIG = VQGANConfig(kind="vq", embed_dim=32, n_embed=256, ddconfig=dict(
-    double_z=False, z_channels=32, resolution=64, in_channels=3, out_ch=3, ch=32, ch_mult=[1, 2, 2],
+    double_z=False, z_channels=32, resolution=64, in_channels=3, out_ch=3, ch=64, ch_mult=[1, 1, 2],
     num_res_blocks=1, attn_resolutions=[], dropout=0.0))
 SHAPES_CLIP_ARCH = "vqclip-shapes"
 SHAPES_CLIP_CONFIG = {
