@@ -46,3 +46,15 @@ def test_train_command(tmp_path, capsys):
     assert main(["-q", "train", "shapes-vqgan", "--steps", "2", "--batch-size", "2", "--out",
                  str(out), "--threads", "1"]) == 0
     assert capsys.readouterr().out.strip() == str(out) and load_vqgan(out).downsample_factor == 4
+
+
+def test_mined_negatives_feed_clip_training(tiny_generator, tmp_path):
+    from vqclip.train import mine_negatives
+
+    # random tiny models make nothing the judge accepts: every try is a negative
+    negatives = mine_negatives(tiny_generator, n=3, steps=1, size=[64, 64], cutn=2)
+    assert negatives.shape == (3, 3, 64, 64)
+    log = tmp_path / "clip.jsonl"
+    train_clip(tmp_path / "clip.safetensors", steps=2, batch_size=8, progress=False,
+               negatives=lambda step: negatives, log_file=log, log_every=1)
+    assert len(_losses(log)) == 2

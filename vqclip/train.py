@@ -31,7 +31,7 @@ from .models.vqgan import VQGAN, VQGANConfig
 from .shapes import COLOURS, SHAPES, batch, caption
 
 __all__ = ["SHAPES_CLIP_ARCH", "SHAPES_CLIP_CONFIG", "SHAPES_VQGAN_CONFIG", "eval_clip",
-           "eval_vqgan", "train_clip", "train_vqgan"]
+           "eval_vqgan", "mine_negatives", "train_clip", "train_vqgan"]
 
 log = logging.getLogger(__name__)
 
@@ -236,3 +236,31 @@ def _log(path: str | Path | None, record: dict) -> None:
     if path is not None:
         with open(path, "a") as f:
             f.write(json.dumps({"time": round(time.time(), 1), **record}) + "\n")
+
+
+def mine_negatives(generator, n: int, seed: int = 0, max_tries: int | None = None,
+                   **settings) -> torch.Tensor:
+    """Images the generation loop makes that the judge rejects for their prompt.
+
+    These are the tiny CLIP's blind spots: images it was steered to rate as "a {colour}
+    {shape}" that are not. Fed back to :func:`train_clip` as negatives (rounds of adversarial
+    mining), they teach it to tell a red blob from a red circle.
+
+    Args:
+        generator: a :class:`vqclip.generator.Generator` with the models being improved.
+        n: how many to collect. settings: generation settings (``steps``, ``lr``...).
+    Returns:
+        ``(m, 3, H, W)`` with m <= n (fewer if ``max_tries`` generations ran out first).
+    """
+    from .judge import judge
+
+    rng = random.Random(seed)
+    found: list[torch.Tensor] = []
+    for _ in range(max_tries or 4 * n):
+        if len(found) == n:
+            break
+        colour, shape = rng.choice(LABELS)
+        result = generator.generate(f"a {colour} {shape}", seed=rng.randrange(2**31), **settings)
+        if not judge(result.tensor[0]).matches(colour, shape):
+            found.append(result.tensor[0])
+    return torch.stack(found) if found else torch.empty(0, 3, 64, 64)

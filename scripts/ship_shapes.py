@@ -1,0 +1,52 @@
+"""Copy trained shapes checkpoints into checkpoints/ as the bundled models, and print their
+registry lines (sha256 and size).
+
+Weights are stored in fp16 to stay well under the 20 MB budget; the loaders cast them back to
+fp32. Each model's config sits beside its weights: a taming-format model.yaml for the VQGAN, an
+open_clip model-config JSON for CLIP.
+
+Usage: python scripts/ship_shapes.py VQGAN.safetensors CLIP.safetensors
+"""
+
+import hashlib
+import sys
+from pathlib import Path
+
+import yaml
+
+from vqclip.checkpoints import read_state_dict, save_safetensors
+from vqclip.pretrained import PROJECT_CHECKPOINTS
+from vqclip.train import SHAPES_CLIP_ARCH, SHAPES_CLIP_CONFIG, SHAPES_VQGAN_CONFIG
+
+VQGAN_NAME, CLIP_NAME = "shapes_f4_256", f"{SHAPES_CLIP_ARCH}/v1"
+
+
+def taming_yaml() -> str:
+    cfg = SHAPES_VQGAN_CONFIG
+    return yaml.safe_dump({"model": {"target": "taming.models.vqgan.VQModel", "params": {
+        "embed_dim": cfg.embed_dim, "n_embed": cfg.n_embed, "ddconfig": cfg.ddconfig}}},
+        sort_keys=False)
+
+
+def ship(src: Path, folder: Path, weights: str, extra: dict[str, str]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    sd = {k: v.half() if v.is_floating_point() else v for k, v in read_state_dict(src).items()}
+    save_safetensors(sd, folder / weights)
+    for name, text in extra.items():
+        (folder / name).write_text(text)
+    for path in sorted(folder.iterdir()):
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        print(f"{folder.name}/{path.name}: sha256 {digest}, {path.stat().st_size} bytes")
+
+
+def main():
+    import json
+
+    vqgan, clip = map(Path, sys.argv[1:3])
+    ship(vqgan, PROJECT_CHECKPOINTS / VQGAN_NAME, "vqgan.safetensors", {"model.yaml": taming_yaml()})
+    ship(clip, PROJECT_CHECKPOINTS / CLIP_NAME.replace("/", "--"), "open_clip_model.safetensors",
+         {f"{SHAPES_CLIP_ARCH}.json": json.dumps(SHAPES_CLIP_CONFIG, indent=2) + "\n"})
+
+
+if __name__ == "__main__":
+    main()
