@@ -251,3 +251,11 @@ def test_a_failed_run_leaves_no_empty_run_folder(tiny_models, tmp_path, monkeypa
     monkeypatch.setattr(g, "prompt_loss", lambda *a, **k: torch.full((1,), float("nan")))
     assert main(["generate", "x", *flags(tiny_models), *TINY_RUN, "steps=2"]) == 1
     assert list((tmp_path / "outputs").iterdir()) == []
+
+
+def test_a_refused_video_path_leaves_no_run_folder(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "v.mp4").write_bytes(b"old")
+    assert main(["generate", "x", "--video", "v.mp4"]) == 2
+    assert "v.mp4 exists" in capsys.readouterr().err
+    assert list((tmp_path / "outputs").iterdir()) == []

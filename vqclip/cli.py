@@ -105,9 +105,16 @@ def generate_config(args: argparse.Namespace):
     from .generator import check_outputs, check_precision
 
     check_precision(cfg.precision, resolve_device(cfg.device))
+    folder = None
     if cfg.output.path is None:  # a fresh run folder; never overwrites anything
-        cfg.output.path = str(_claim_run_folder(cfg.prompts.text) / "final.png")
-    check_outputs(cfg)  # before the models load, not after
+        folder = _claim_run_folder(cfg.prompts.text)
+        cfg.output.path = str(folder / "final.png")
+    try:
+        check_outputs(cfg)  # before the models load, not after
+    except OSError:
+        if folder is not None:
+            folder.rmdir()
+        raise
     return cfg
 
 
