@@ -164,6 +164,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.model == "shapes-vqgan":
         train.train_vqgan(out, progress=not args.quiet, log_file=args.log, **kw)
     else:
+        if args.augments is not None:
+            kw["augments"] = tuple(args.augments)
         train.train_clip(out, progress=not args.quiet, log_file=args.log, init=args.init, **kw)
     log.info("trained in %.0f s", time.perf_counter() - start)
     print(out)
@@ -257,6 +259,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--log", metavar="FILE.jsonl", help="append loss records here")
     p.add_argument("--init", metavar="FILE.safetensors", help="shapes-clip: continue from these")
+    p.add_argument("--augments", type=lambda s: [] if s == "none" else s.split(","), metavar="A,B",
+                   help="shapes-clip: augmentations of the training images (default: the loop's)")
     _add_verbosity(p, argparse.SUPPRESS)
     p.set_defaults(func=cmd_train)
 

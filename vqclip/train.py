@@ -160,12 +160,15 @@ def train_clip(out: str | Path, steps: int = 4000, batch_size: int = 128, lr: fl
                seed: int = 0, save_every: int = 500, progress: bool = True,
                negatives: Callable[[int], torch.Tensor] | None = None,
                init: str | Path | None = None, log_file: str | Path | None = None,
-               log_every: int = 50) -> Path:
+               log_every: int = 50,
+               augments: tuple[str, ...] = ("affine", "perspective", "jitter", "erasing", "noise"),
+               ) -> Path:
     """Train the tiny CLIP contrastively on augmented renders and their captions.
 
     Args:
         negatives: ``negatives(step) -> (M, 3, 64, 64)`` images that match no caption, or None.
         init: a checkpoint to continue from (for rounds of negative mining).
+        augments: the Kornia augmentations applied to every image (the loop's names).
     """
     import open_clip
 
@@ -181,7 +184,7 @@ def train_clip(out: str | Path, steps: int = 4000, batch_size: int = 128, lr: fl
     model.train()
     pp = open_clip.get_model_preprocess_cfg(model)
     mean, std = torch.tensor(pp["mean"]), torch.tensor(pp["std"])
-    augs = build_augments(["affine", "perspective", "jitter", "erasing", "noise"])
+    augs = build_augments(augments)
     tokenizer = open_clip.get_tokenizer(SHAPES_CLIP_ARCH)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1, betas=(0.9, 0.98))
     sched = _schedule(opt, steps)
