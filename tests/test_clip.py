@@ -10,14 +10,13 @@ from vqclip import pretrained
 from vqclip.checkpoints import CheckpointError, save_safetensors
 from vqclip.models.clip import load_clip, register_clip_config
 
-TINY = TINY_CLIP
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 
 
 @pytest.fixture(scope="session")
 def tiny_arch(tmp_path_factory):
     path = tmp_path_factory.mktemp("clipcfg") / "vqclip-test-tiny.json"
-    path.write_text(json.dumps(TINY))
+    path.write_text(json.dumps(TINY_CLIP))
     return register_clip_config(path)
 
 

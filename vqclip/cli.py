@@ -180,6 +180,11 @@ def _add_verbosity(parser: argparse.ArgumentParser, default) -> None:
                         help="only warnings and errors; no progress bars")
 
 
+def _names(text: str) -> list[str]:
+    """A comma-separated list of names for --augments; "none" is the empty list."""
+    return [] if text == "none" else text.split(",")
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one line, exit 2, as for every other user error
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
@@ -213,7 +218,7 @@ def _add_generate(sub) -> None:
     g.add_argument("--optimizer", help=f"one of: {', '.join(OPTIMIZERS)}")
     g.add_argument("--cutn", type=int, help="cutouts per image per step")
     g.add_argument("--cut-pow", dest="cut_pow", type=float, help=">1 favours small cutouts")
-    g.add_argument("--augments", type=lambda s: [] if s == "none" else s.split(","),
+    g.add_argument("--augments", type=_names,
                    metavar="A,B", help=f"comma-separated, or none; from: {', '.join(AUGMENTS)}")
     g = p.add_argument_group("prompts")
     g.add_argument("--image-prompt", dest="image_prompts", action="append", metavar="PATH[:W]")
@@ -259,7 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--log", metavar="FILE.jsonl", help="append loss records here")
     p.add_argument("--init", metavar="FILE.safetensors", help="shapes-clip: continue from these")
-    p.add_argument("--augments", type=lambda s: [] if s == "none" else s.split(","), metavar="A,B",
+    p.add_argument("--augments", type=_names, metavar="A,B",
                    help="shapes-clip: augmentations of the training images (default: the loop's)")
     _add_verbosity(p, argparse.SUPPRESS)
     p.set_defaults(func=cmd_train)

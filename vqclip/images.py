@@ -10,7 +10,8 @@ from typing import Iterator
 import torch
 from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
 
-__all__ = ["atomic_path", "load_image", "read_png_text", "save_png", "to_pil", "to_tensor"]
+__all__ = ["atomic_path", "load_image", "read_png_text", "save_png", "temp_path", "to_pil",
+           "to_tensor"]
 
 
 def load_image(path: str | Path, size: tuple[int, int] | None = None) -> Image.Image:
@@ -44,14 +45,18 @@ def to_pil(image: torch.Tensor) -> Image.Image:
     return Image.fromarray(data.numpy())
 
 
+def temp_path(path: str | Path) -> Path:
+    """A hidden temporary name beside ``path``, keeping its suffix for writers that pick a format
+    from it (ffmpeg does)."""
+    path = Path(path)
+    return path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``path`` that is renamed to it if the block succeeds.
-
-    The temporary name keeps the suffix, for writers that pick a format from it.
-    """
+    """Yield a temporary path beside ``path`` that is renamed to it if the block succeeds."""
     path = Path(path)
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
+    tmp = temp_path(path)
     try:
         yield tmp
         os.replace(tmp, path)

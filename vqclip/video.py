@@ -7,6 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .images import temp_path
+
 __all__ = ["VideoWriter", "choose_fps"]
 
 
@@ -33,7 +35,7 @@ class VideoWriter:
         if suffix not in (".mp4", ".gif"):
             raise ValueError(f"video {self.path}: the file name must end in .mp4 or .gif")
         self.fps, self.count = fps, 0
-        self.tmp = self.path.with_name(f".{self.path.stem}.tmp-{os.getpid()}{suffix}")
+        self.tmp = temp_path(self.path)
         self._frames: list[np.ndarray] = []
         self._writer = None
 
