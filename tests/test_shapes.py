@@ -1,10 +1,14 @@
 """The shapes world and its pixel-only judge."""
 
+import math
+
 import pytest
 import torch
 
 from vqclip.judge import judge
-from vqclip.shapes import COLOURS, SHAPES, batch, captions, render, sample_scene
+from vqclip.shapes import (
+    CLUTTER, COLOURS, SHAPES, batch, captions, clutter, clutter_batch, render, sample_scene,
+)
 
 
 def test_scenes_are_deterministic_and_splits_differ():
@@ -71,3 +75,52 @@ def test_judge_rejects_noise_blobs_and_empty_images():
     blob[:, mask] = torch.tensor([220, 30, 30], dtype=torch.float32)[:, None] / 255
     verdict = judge(blob)
     assert verdict.shape is None
+
+
+def _draw(form: str, box: tuple, points=None) -> torch.Tensor:
+    from PIL import Image, ImageDraw
+
+    from vqclip.images import to_tensor
+
+    image = Image.new("RGB", (256, 256), (128, 128, 128))
+    draw = ImageDraw.Draw(image)
+    if form == "polygon":
+        draw.polygon(points, fill=COLOURS["red"])
+    else:
+        getattr(draw, form)(box, fill=COLOURS["red"])
+    return to_tensor(image.reduce(4))[0]
+
+
+@pytest.mark.parametrize("form, box, points", [
+    ("ellipse", (60, 90, 196, 166), None),  # an oval is no circle
+    ("rectangle", (70, 100, 186, 156), None),  # a bar is no square
+    # a regular pentagon has a square's hull circularity (0.865), a hexagon a circle's (0.907)
+    ("polygon", None, [(128 + 60 * math.cos(a), 128 + 60 * math.sin(a))
+                       for a in (2 * math.pi * i / 5 - math.pi / 2 for i in range(5))]),
+    ("polygon", None, [(128 + 60 * math.cos(a), 128 + 60 * math.sin(a))
+                       for a in (2 * math.pi * i / 6 for i in range(6))]),
+])
+def test_judge_rejects_almost_shapes(form, box, points):
+    verdict = judge(_draw(form, box, points))
+    assert verdict.colour == "red" and verdict.shape is None, verdict
+
+
+def test_judge_reads_a_rotated_square():
+    c, r = 128, 60
+    square = [(c + r * math.cos(a), c + r * math.sin(a)) for a in (math.pi / 4 * (2 * i + 1) + 0.3
+                                                                   for i in range(4))]
+    assert judge(_draw("polygon", None, square)).shape == "square"
+
+
+def test_clutter_is_deterministic_and_of_every_kind():
+    assert torch.equal(clutter_batch(3, 4), clutter_batch(3, 4))
+    assert not torch.equal(clutter_batch(3, 1), clutter_batch(4, 1))
+    for kind in CLUTTER:
+        for seed in range(5):
+            pixels = torch.tensor(list(clutter(seed, kind=kind).getdata()))
+            assert len(pixels.unique(dim=0)) > 1, (kind, seed)  # never a blank image
+    from vqclip.images import to_tensor
+
+    # "almost" shapes are single solid objects that the judge refuses to name
+    verdicts = [judge(to_tensor(clutter(seed, kind="almost"))[0]) for seed in range(40)]
+    assert all(v.shape is None for v in verdicts) and sum(v.colour is not None for v in verdicts) > 30

@@ -6,7 +6,7 @@ import torch
 
 from vqclip.models.clip import load_clip
 from vqclip.models.vqgan import load_vqgan
-from vqclip.train import SHAPES_CLIP_ARCH, train_clip, train_vqgan
+from vqclip.train import SHAPES_CLIP_ARCH, SHAPES_VQGAN_CONFIG, train_clip, train_vqgan
 
 
 def _losses(log):
@@ -21,7 +21,7 @@ def test_vqgan_training_smoke(tmp_path):
     losses = _losses(log)
     assert len(losses) == 12 and sum(losses[-3:]) < sum(losses[:3])
     model = load_vqgan(out)  # the vqclip safetensors format, config in the header
-    assert model.codebook.shape == (256, 32) and model.downsample_factor == 4
+    assert model.codebook.shape == (SHAPES_VQGAN_CONFIG.n_embed, 32) and model.downsample_factor == 4
     with torch.no_grad():
         image = model.decode(model.quantize_latents(model.encode(torch.rand(1, 3, 64, 64))))
     assert image.shape == (1, 3, 64, 64)

@@ -166,6 +166,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     else:
         if args.augments is not None:
             kw["augments"] = tuple(args.augments)
+        if args.clutter is not None:
+            kw["clutter"] = args.clutter
         train.train_clip(out, progress=not args.quiet, log_file=args.log, init=args.init, **kw)
     log.info("trained in %.0f s", time.perf_counter() - start)
     print(out)
@@ -265,7 +267,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log", metavar="FILE.jsonl", help="append loss records here")
     p.add_argument("--init", metavar="FILE.safetensors", help="shapes-clip: continue from these")
     p.add_argument("--augments", type=_names, metavar="A,B",
-                   help="shapes-clip: augmentations of the training images (default: the loop's)")
+                   help="shapes-clip: augmentations of the training images (default: affine,noise)")
+    p.add_argument("--clutter", type=int, metavar="N",
+                   help="shapes-clip: clutter negatives per batch (default 48)")
     _add_verbosity(p, argparse.SUPPRESS)
     p.set_defaults(func=cmd_train)
 

@@ -3,10 +3,12 @@
 It takes the background to be the median colour of the image's border, segments what differs
 from it, and reads the largest object's colour (the nearest palette colour to its median pixel)
 and its shape from geometry: the circularity of its convex hull (4π·area/perimeter²: about
-0.96+ for a circle, 0.79 for a square, 0.69 for a small triangle, whatever the rotation). A ragged blob
+0.96+ for a circle, 0.93 for a pixelated hexagon, 0.79 for a square, 0.69 for a small triangle,
+whatever the rotation). A ragged blob
 (low solidity: much less area than its hull), a region that touches the border or covers
-half the image (texture, not an object), or a circularity between the bands has no shape; a
-patchy region has no colour.
+half the image (texture, not an object), an elongated region (an oval, a bar: the three shapes
+have equal principal moments), a circularity between the bands, or a "square" that does not fill
+its smallest enclosing rectangle (a pentagon) has no shape; a patchy region has no colour.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from .shapes import COLOURS
 __all__ = ["Verdict", "judge"]
 
 _PALETTE = torch.tensor(list(COLOURS.values()), dtype=torch.float32) / 255  # (8, 3)
-_BANDS = {"circle": (0.90, 1.01), "square": (0.77, 0.87), "triangle": (0.55, 0.765)}
+_BANDS = {"circle": (0.945, 1.01), "square": (0.77, 0.90), "triangle": (0.55, 0.765)}
 
 
 @dataclass(frozen=True)
@@ -33,6 +35,8 @@ class Verdict:
     circularity: float = 0.0
     solidity: float = 0.0
     area: float = 0.0  # of the largest object, as a fraction of the image
+    roundness: float = 0.0  # minor/major axis from the second moments: 1 for all three shapes
+    rectangularity: float = 0.0  # hull area / its smallest enclosing rectangle: 1 for a square
 
     def matches(self, colour: str, shape: str) -> bool:
         return self.colour == colour and self.shape == shape
@@ -106,7 +110,26 @@ def judge(image: torch.Tensor, threshold: float = 0.25) -> Verdict:
     solidity = area / hull_area if hull_area else 0.0
     touches_border = bool(region[0].any() or region[-1].any() or region[:, 0].any()
                           or region[:, -1].any())
+    centred = torch.stack([xs, ys]).float()
+    centred -= centred.mean(1, keepdim=True)
+    minor, major = torch.linalg.eigvalsh(centred @ centred.T / len(xs)).clamp(min=0).sqrt().tolist()
+    roundness = minor / major if major else 0.0
+    rectangularity = hull_area / _min_rectangle(hull) if hull_area else 0.0
     shape = None
-    if solidity > 0.85 and not touches_border and area <= 0.5 * h * w:  # an object, not texture
+    # an object, not texture, and not an oval or a bar
+    if solidity > 0.85 and roundness > 0.8 and not touches_border and area <= 0.5 * h * w:
         shape = next((s for s, (lo, hi) in _BANDS.items() if lo <= circularity < hi), None)
-    return Verdict(colour, shape, num_objects, circularity, solidity, area / (h * w))
+        if shape == "square" and rectangularity < 0.88:  # a pentagon has a square's circularity
+            shape = None
+    return Verdict(colour, shape, num_objects, circularity, solidity, area / (h * w), roundness,
+                   rectangularity)
+
+
+def _min_rectangle(hull: torch.Tensor) -> float:
+    """The area of the smallest rectangle around a convex polygon (one side lies on an edge)."""
+    edges = hull.roll(-1, dims=0) - hull
+    u = F.normalize(edges, dim=1)  # (E, 2)
+    v = torch.stack([-u[:, 1], u[:, 0]], 1)
+    pu, pv = u @ hull.T, v @ hull.T  # (E, N)
+    areas = (pu.amax(1) - pu.amin(1)) * (pv.amax(1) - pv.amin(1))
+    return areas.min().item()

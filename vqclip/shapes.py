@@ -16,6 +16,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 import random
 import zlib
 from dataclasses import dataclass
@@ -23,8 +24,8 @@ from dataclasses import dataclass
 import torch
 from PIL import Image, ImageDraw
 
-__all__ = ["BACKGROUNDS", "COLOURS", "POSITIONS", "SHAPES", "SIZES", "Scene", "ShapeObject",
-           "batch", "caption", "captions", "render", "sample_scene"]
+__all__ = ["BACKGROUNDS", "CLUTTER", "COLOURS", "POSITIONS", "SHAPES", "SIZES", "Scene", "ShapeObject",
+           "batch", "caption", "captions", "clutter", "clutter_batch", "render", "sample_scene"]
 
 COLOURS = {
     "red": (220, 30, 30), "green": (30, 170, 50), "blue": (30, 70, 225),
@@ -150,3 +151,61 @@ def batch(start: int, n: int, split: str = "train", size: int = 64,
     data = b"".join(render(s, size).tobytes() for s in scenes)
     images = torch.frombuffer(bytearray(data), dtype=torch.uint8).view(n, size, size, 3)
     return images.permute(0, 3, 1, 2).float() / 255, scenes
+
+
+# ------------------------------------------------------------------------------------- clutter
+# Images that match no caption. The generation loop steers the tiny CLIP, and what it finds first
+# are its blind spots: a ragged patch of the right colour, a mottled texture, scattered pieces,
+# an almost-shape. Trained on these as negatives, CLIP learns that "a red circle" is a red circle.
+CLUTTER = ("blob", "mottle", "pieces", "almost")
+
+
+def clutter(seed: int, size: int = 64, supersample: int = 4, kind: str | None = None) -> Image.Image:
+    """A random image of one of the ``CLUTTER`` kinds, deterministic for ``seed``."""
+    rng = random.Random(zlib.crc32(f"clutter:{seed}".encode()))
+    kind = kind or rng.choice(CLUTTER)
+    names = list(COLOURS)
+    colour = COLOURS[rng.choice(names)]
+    background = BACKGROUNDS[rng.choice([c for c in BACKGROUNDS if COLOURS.get(c) != colour])]
+    if kind == "mottle":  # a coarse random field of a few colours, blocky or smooth
+        palette = [colour, background] + [COLOURS[rng.choice(names)] for _ in range(rng.randrange(2))]
+        cells = rng.choice((2, 4, 8, 16))
+        grid = Image.new("RGB", (cells, cells))
+        grid.putdata([rng.choice(palette) for _ in range(cells * cells)])
+        return grid.resize((size, size), rng.choice((Image.NEAREST, Image.BILINEAR)))
+    big = size * supersample
+    image = Image.new("RGB", (big, big), background)
+    draw = ImageDraw.Draw(image)
+    cx, cy = rng.uniform(0.25, 0.75) * big, rng.uniform(0.25, 0.75) * big
+    if kind == "almost":  # one solid shape that is none of the three: an oval, a bar, a polygon
+        w, h = rng.uniform(0.15, 0.5) * big, rng.uniform(0.15, 0.5) * big
+        if abs(w - h) < 0.15 * big:
+            h = w * rng.choice((0.5, 1.8))
+        form = rng.choice(("ellipse", "rectangle", "polygon"))
+        if form == "polygon":
+            n = rng.randrange(4, 9)
+            angles = sorted(rng.uniform(0, 6.283) for _ in range(n))
+            draw.polygon([(cx + w / 2 * math.cos(a) * rng.uniform(0.6, 1),
+                           cy + h / 2 * math.sin(a) * rng.uniform(0.6, 1)) for a in angles],
+                         fill=colour)
+        else:
+            getattr(draw, form)((cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2), fill=colour)
+        return image.reduce(supersample)
+    spread = 0.12 if kind == "blob" else 0.35  # a ragged clump, or pieces all over
+    for _ in range(rng.randrange(3, 8)):
+        x = min(max(cx + rng.gauss(0, spread) * big, 0), big)
+        y = min(max(cy + rng.gauss(0, spread) * big, 0), big)
+        r = rng.uniform(0.04, 0.16 if kind == "blob" else 0.09) * big
+        if rng.random() < 0.5:
+            draw.ellipse((x - r, y - r * rng.uniform(0.5, 1.5), x + r, y + r), fill=colour)
+        else:
+            draw.polygon([(x + rng.uniform(-r, r), y + rng.uniform(-r, r)) for _ in range(3)],
+                         fill=colour)
+    return image.reduce(supersample)
+
+
+def clutter_batch(start: int, n: int, size: int = 64) -> torch.Tensor:
+    """Clutter images ``start .. start+n-1``: ``(n, 3, size, size)`` in [0, 1]."""
+    data = b"".join(clutter(start + i, size).tobytes() for i in range(n))
+    images = torch.frombuffer(bytearray(data), dtype=torch.uint8).view(n, size, size, 3)
+    return images.permute(0, 3, 1, 2).float() / 255

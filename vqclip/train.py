@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from .checkpoints import save_safetensors
 from .cutouts import build_augments
 from .models.vqgan import VQGAN, VQGANConfig
-from .shapes import COLOURS, SHAPES, batch, caption
+from .shapes import COLOURS, SHAPES, batch, caption, clutter_batch
 
 __all__ = ["SHAPES_CLIP_ARCH", "SHAPES_CLIP_CONFIG", "SHAPES_VQGAN_CONFIG", "eval_clip",
            "eval_vqgan", "mine_negatives", "train_clip", "train_vqgan"]
@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 # channel is normalized on its own, over the image: a flat background then reaches the decoder's
 # output only through the signs of its features, and colours are learned very slowly (an
 # overfitting test: MSE 0.068 after 25 steps at ch=32, 0.038 at ch=64). Hence ch=64.
-SHAPES_VQGAN_CONFIG = VQGANConfig(kind="vq", embed_dim=32, n_embed=256, ddconfig=dict(
+SHAPES_VQGAN_CONFIG = VQGANConfig(kind="vq", embed_dim=32, n_embed=512, ddconfig=dict(
     double_z=False, z_channels=32, resolution=64, in_channels=3, out_ch=3, ch=64, ch_mult=[1, 1, 2],
     num_res_blocks=1, attn_resolutions=[], dropout=0.0))
 SHAPES_CLIP_ARCH = "vqclip-shapes"
@@ -65,17 +65,27 @@ def _save(state: dict, path: Path, metadata: dict[str, str]) -> None:
 # ---------------------------------------------------------------------------------------- VQGAN
 
 
-def _vq_forward(model: VQGAN, x: torch.Tensor):
-    h = model.quant_conv(model.encoder(x * 2 - 1))
-    z_q, q_loss, (_, _, indices) = model.quantize(h)
-    rec = model.decoder(model.post_quant_conv(z_q)).add(1).div(2)  # [0, 1], unclamped
-    return rec, q_loss, h, indices
+def _autocast(bf16: bool):
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
+
+
+def _vq_forward(model: VQGAN, x: torch.Tensor, bf16: bool = False):
+    """Encoder and decoder under bf16 autocast if asked; the quantizer always in fp32."""
+    with _autocast(bf16):
+        h = model.quant_conv(model.encoder(x * 2 - 1))
+    z_q, q_loss, (_, _, indices) = model.quantize(h.float())
+    with _autocast(bf16):
+        rec = model.decoder(model.post_quant_conv(z_q))
+    return rec.float().add(1).div(2), q_loss, h.float(), indices  # [0, 1], unclamped
 
 
 def train_vqgan(out: str | Path, steps: int = 6000, batch_size: int = 32, lr: float = 1e-3,
                 seed: int = 0, save_every: int = 500, progress: bool = True,
-                log_file: str | Path | None = None, log_every: int = 50) -> Path:
+                log_file: str | Path | None = None, log_every: int = 50, bf16: bool = True) -> Path:
     """Train the shapes VQGAN: L1 + MSE + codebook loss, with dead-code restarts.
+
+    ``bf16`` runs the encoder and decoder under bf16 autocast (1.7x faster on a CPU with AVX-512
+    BF16; the quantizer stays in fp32). The saved weights are fp32 either way.
 
     Codes unused over the last 50 steps are moved onto random encoder outputs, so the whole
     codebook stays in use (a standard fix for codebook collapse, e.g. Jukebox, arXiv:2005.00341).
@@ -94,7 +104,7 @@ def train_vqgan(out: str | Path, steps: int = 6000, batch_size: int = 32, lr: fl
             with torch.no_grad():
                 h = model.quant_conv(model.encoder(x * 2 - 1)).movedim(1, -1).flatten(0, 2)
                 model.codebook.copy_(h[torch.randint(len(h), (model.codebook.shape[0],))])
-        rec, q_loss, h, indices = _vq_forward(model, x)
+        rec, q_loss, h, indices = _vq_forward(model, x, bf16)
         loss = F.l1_loss(rec, x) + F.mse_loss(rec, x) + q_loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -150,25 +160,27 @@ def register_shapes_clip(folder: str | Path) -> str:
     return register_clip_config(path)
 
 
-def _clip_batch(start: int, n: int, rng: random.Random, augs) -> tuple[torch.Tensor, list[str]]:
+def _clip_batch(start: int, n: int, rng: random.Random) -> tuple[torch.Tensor, list[str]]:
     x, scenes = batch(start, n, "train")
-    texts = [caption(s, rng=rng) for s in scenes]
-    return augs(x).clamp(0, 1), texts
+    return x, [caption(s, rng=rng) for s in scenes]
 
 
 def train_clip(out: str | Path, steps: int = 4000, batch_size: int = 128, lr: float = 1e-3,
                seed: int = 0, save_every: int = 500, progress: bool = True,
                negatives: Callable[[int], torch.Tensor] | None = None,
                init: str | Path | None = None, log_file: str | Path | None = None,
-               log_every: int = 50,
-               augments: tuple[str, ...] = ("affine", "perspective", "jitter", "erasing", "noise"),
-               ) -> Path:
+               log_every: int = 50, augments: tuple[str, ...] = ("affine", "noise"),
+               clutter: int = 48, bf16: bool = True) -> Path:
     """Train the tiny CLIP contrastively on augmented renders and their captions.
 
     Args:
         negatives: ``negatives(step) -> (M, 3, 64, 64)`` images that match no caption, or None.
         init: a checkpoint to continue from (for rounds of negative mining).
-        augments: the Kornia augmentations applied to every image (the loop's names).
+        augments: the Kornia augmentations applied to every image (the loop's names). Mild ones
+            by default: perspective and colour jitter slow the learning of shape.
+        clutter: how many procedural clutter images (:func:`vqclip.shapes.clutter`) join each
+            batch as negatives: ragged blobs, textures, scattered pieces and almost-shapes.
+        bf16: run the forward pass under bf16 autocast (faster on CPUs with AVX-512 BF16).
     """
     import open_clip
 
@@ -190,11 +202,15 @@ def train_clip(out: str | Path, steps: int = 4000, batch_size: int = 128, lr: fl
     sched = _schedule(opt, steps)
     bar = tqdm(range(steps), disable=not progress, desc="shapes-clip", unit="step")
     for step in bar:
-        images, texts = _clip_batch(step * batch_size, batch_size, rng, augs)
+        images, texts = _clip_batch(step * batch_size, batch_size, rng)
+        extra = [clutter_batch(step * clutter, clutter)] if clutter else []
         if negatives is not None:
-            images = torch.cat([images, negatives(step)])
-        img = F.normalize(model.encode_image((images - mean[:, None, None]) / std[:, None, None]), dim=-1)
-        txt = F.normalize(model.encode_text(tokenizer(texts)), dim=-1)
+            extra.append(negatives(step))
+        images = augs(torch.cat([images, *extra])).clamp(0, 1)  # negatives look augmented too
+        with _autocast(bf16):
+            img = model.encode_image((images - mean[:, None, None]) / std[:, None, None])
+            txt = model.encode_text(tokenizer(texts))
+        img, txt = F.normalize(img.float(), dim=-1), F.normalize(txt.float(), dim=-1)
         logits = model.logit_scale.exp() * txt @ img.T  # (n texts, n images incl. negatives)
         # captions repeat within a batch ("a red circle"): all images with that caption are right
         same = torch.tensor([[a == b for b in texts] for a in texts], dtype=torch.float32)
