@@ -7,7 +7,15 @@ import torch
 
 from vqclip.judge import judge
 from vqclip.shapes import (
-    CLUTTER, COLOURS, SHAPES, batch, captions, clutter, clutter_batch, render, sample_scene,
+    CLUTTER,
+    COLOURS,
+    SHAPES,
+    batch,
+    captions,
+    clutter,
+    clutter_batch,
+    render,
+    sample_scene,
 )
 
 
@@ -58,7 +66,7 @@ def test_render_puts_the_colour_where_the_scene_says():
 @pytest.mark.parametrize("split", ["val", "test"])
 def test_judge_reads_every_clean_render(split):
     images, scenes = batch(0, 150, split=split)
-    for image, scene in zip(images, scenes):
+    for image, scene in zip(images, scenes, strict=True):
         verdict = judge(image)
         assert verdict.num_objects == len(scene.objects)
         assert any(verdict.matches(o.colour, o.shape) for o in scene.objects), (scene, verdict)
