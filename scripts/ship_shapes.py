@@ -18,7 +18,7 @@ from vqclip.checkpoints import read_state_dict, save_safetensors
 from vqclip.pretrained import PROJECT_CHECKPOINTS
 from vqclip.train import SHAPES_CLIP_ARCH, SHAPES_CLIP_CONFIG, SHAPES_VQGAN_CONFIG
 
-VQGAN_NAME, CLIP_NAME = "shapes_f4_256", f"{SHAPES_CLIP_ARCH}/v1"
+VQGAN_NAME, CLIP_NAME = "shapes_f4_512", f"{SHAPES_CLIP_ARCH}/v1"
 
 
 def taming_yaml() -> str:
@@ -34,9 +34,9 @@ def ship(src: Path, folder: Path, weights: str, extra: dict[str, str]) -> None:
     save_safetensors(sd, folder / weights)
     for name, text in extra.items():
         (folder / name).write_text(text)
-    for path in sorted(folder.iterdir()):
+    for path in sorted(folder.iterdir()):  # the registry's RemoteFile for each
         digest = hashlib.sha256(path.read_bytes()).hexdigest()
-        print(f"{folder.name}/{path.name}: sha256 {digest}, {path.stat().st_size} bytes")
+        print(f'{folder.name}: RemoteFile("", "{path.name}", "{digest}", {path.stat().st_size})')
 
 
 def main():

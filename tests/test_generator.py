@@ -219,3 +219,19 @@ def test_a_nan_from_the_last_update_is_an_error_not_a_black_image(tiny_generator
 def test_prompt_is_the_first_argument(tiny_generator):
     result = tiny_generator.generate("a red circle:1|blue:-0.5", steps=1, **SMALL)
     assert result.config.prompts.text == "a red circle:1|blue:-0.5"
+
+
+def test_flat_init_is_one_code_everywhere(tiny_generator):
+    from vqclip.cutouts import SeedStreams
+
+    cfg = tiny_generator.config.copy()
+    cfg.size, cfg.candidates = [32, 32], 2
+    starts = {}
+    for init in ("flat", "random"):
+        cfg.prompts.init = init
+        z = tiny_generator._init_latents(cfg, SeedStreams([1, 2])).flatten(2)  # (K, D, cells)
+        starts[init] = torch.equal(z, z[:, :, :1].expand_as(z))
+    assert starts == {"flat": True, "random": False}
+    tiny_generator.generate("a plain start", steps=2, init="flat", **SMALL)
+    with pytest.raises(ValueError, match="unknown init 'plain'; available: random, flat"):
+        tiny_generator.generate("x", steps=1, init="plain", **SMALL)

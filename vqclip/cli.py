@@ -168,6 +168,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             kw["augments"] = tuple(args.augments)
         if args.clutter is not None:
             kw["clutter"] = args.clutter
+        if args.negatives:
+            kw["negatives"] = train.negative_bank(args.negatives, seed=args.seed or 0)
         train.train_clip(out, progress=not args.quiet, log_file=args.log, init=args.init, **kw)
     log.info("trained in %.0f s", time.perf_counter() - start)
     print(out)
@@ -226,6 +228,8 @@ def _add_generate(sub) -> None:
     g.add_argument("--image-prompt", dest="image_prompts", action="append", metavar="PATH[:W]")
     g.add_argument("--noise-prompt", dest="noise_prompts", action="append", metavar="SEED:W")
     g.add_argument("--init-image", dest="init_image", metavar="PATH")
+    g.add_argument("--init", choices=["random", "flat"],
+                   help="start without --init-image: random codes per cell, or one flat code")
     g.add_argument("--init-weight", dest="init_weight", type=float)
     g = p.add_argument_group("models")
     g.add_argument("--vqgan", metavar="NAME|CKPT")
@@ -270,6 +274,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="shapes-clip: augmentations of the training images (default: affine,noise)")
     p.add_argument("--clutter", type=int, metavar="N",
                    help="shapes-clip: clutter negatives per batch (default 48)")
+    p.add_argument("--negatives", metavar="FILE.safetensors",
+                   help="shapes-clip: mined negatives (scripts/mine_shapes.py), 16 per batch")
     _add_verbosity(p, argparse.SUPPRESS)
     p.set_defaults(func=cmd_train)
 

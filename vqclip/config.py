@@ -19,13 +19,14 @@ from typing import Any, Optional
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-__all__ = ["AUGMENTS", "FLAT_KEYS", "OPTIMIZERS", "PRECISIONS", "PRESET_DIR", "GenerateConfig",
+__all__ = ["AUGMENTS", "FLAT_KEYS", "INITS", "OPTIMIZERS", "PRECISIONS", "PRESET_DIR", "GenerateConfig",
            "check_config", "list_presets", "load_config", "require_target"]
 
 PRESET_DIR = Path(__file__).resolve().parent.parent / "configs"
 DEFAULT_PRESET = "imagenet"
 OPTIMIZERS = ("adam", "adamw", "sgd", "radam", "rmsprop")
 PRECISIONS = ("fp32", "bf16", "fp16")
+INITS = ("random", "flat")
 AUGMENTS = ("affine", "perspective", "jitter", "erasing", "noise", "flip", "sharpness")
 MAX_SIDE = 4096  # pixels; beyond this a VQGAN decoder needs tens of GB for activations
 MAX_CANDIDATES = 64
@@ -47,6 +48,7 @@ class PromptsConfig:
     images: list[str] = field(default_factory=list)  # "path[:weight]"
     noise: list[str] = field(default_factory=list)  # "seed:weight"
     init_image: Optional[str] = None
+    init: str = "random"  # without init_image: "random" codes per latent cell, or one "flat" code
     init_weight: float = 0.0  # pulls z toward its start (the init image's latents, or the random init)
 
 
@@ -94,6 +96,7 @@ class GenerateConfig:
 FLAT_KEYS = {
     "prompt": "prompts.text", "image_prompts": "prompts.images", "noise_prompts": "prompts.noise",
     "init_image": "prompts.init_image", "init_weight": "prompts.init_weight",
+    "init": "prompts.init",
     "steps": "optim.steps", "lr": "optim.lr", "optimizer": "optim.name",
     "cutn": "cutouts.cutn", "cut_pow": "cutouts.cut_pow", "augments": "cutouts.augments",
     "overview": "cutouts.overview",
@@ -184,6 +187,7 @@ def check_config(cfg: DictConfig) -> None:
     need(cfg.seed is None or 0 <= cfg.seed < 2**63, f"seed must be in 0..2**63-1, got {cfg.seed}")
     need(cfg.precision in PRECISIONS, f"unknown precision {cfg.precision!r}; available: "
                                       f"{', '.join(PRECISIONS)}")
+    need(cfg.prompts.init in INITS, f"unknown init {cfg.prompts.init!r}; available: {', '.join(INITS)}")
     need(cfg.optim.name in OPTIMIZERS, f"unknown optimizer {cfg.optim.name!r}; "
                                        f"available: {', '.join(OPTIMIZERS)}")
     for key in ("optim.lr", "cutouts.cut_pow", "prompts.init_weight", "tv_weight"):

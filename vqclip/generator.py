@@ -343,10 +343,13 @@ class Generator:
             with torch.no_grad():
                 z = self.vqgan.encode(image)  # (1, D, h/f, w/f)
             return z.expand(K, -1, -1, -1).clone()
-        codes = []
+        codes, n = [], self.vqgan.codebook.shape[0]
         for k in range(K):  # random codes, from each candidate's own stream
             with streams.use(k):
-                codes.append(torch.randint(self.vqgan.codebook.shape[0], (h // f, w // f)))
+                if cfg.prompts.init == "flat":  # one code everywhere: a plain image
+                    codes.append(torch.randint(n, (1, 1)).expand(h // f, w // f))
+                else:
+                    codes.append(torch.randint(n, (h // f, w // f)))
         return self.vqgan.codebook[torch.stack(codes).to(self.device)].permute(0, 3, 1, 2).clone()
 
 

@@ -99,6 +99,18 @@ VQGAN_MODELS: dict[str, dict] = {
     },
 }
 
+# Trained by this project on its shapes world (vqclip/shapes.py) with `vqclip train`, shipped in
+# checkpoints/ and never downloaded; the README's "shapes world" section has the commands.
+_BUNDLED_LICENSE = "MIT (vqclip; trained by the project)"
+VQGAN_MODELS["shapes_f4_512"] = {
+    "description": "shapes world, f=4, 512 codes, 64 px (vqclip's own, bundled): the offline preset",
+    "license": _BUNDLED_LICENSE, "bundled": True,
+    "files": {
+        "config": RemoteFile("", "model.yaml", "SHA_VQ_YAML", 0),
+        "ckpt": RemoteFile("", "vqgan.safetensors", "SHA_VQ_WEIGHTS", 0),
+    },
+}
+
 CLIP_MODELS: dict[str, dict] = {
     "ViT-B-32/openai": {
         "arch": "ViT-B-32", "pretrained": "openai", "quick_gelu": True,
@@ -115,6 +127,15 @@ CLIP_MODELS: dict[str, dict] = {
         "files": {"weights": RemoteFile(
             "https://huggingface.co/laion/CLIP-ViT-B-16-laion2B-s34B-b88K/resolve/main/open_clip_model.safetensors",
             "open_clip_model.safetensors")},
+    },
+    "vqclip-shapes/v1": {
+        "arch": "vqclip-shapes", "pretrained": "v1", "quick_gelu": False, "bundled": True,
+        "description": "tiny CLIP of the shapes world, 64 px (vqclip's own, bundled): the offline preset",
+        "license": _BUNDLED_LICENSE,
+        "files": {
+            "config": RemoteFile("", "vqclip-shapes.json", "SHA_CLIP_JSON", 0),
+            "weights": RemoteFile("", "open_clip_model.safetensors", "SHA_CLIP_WEIGHTS", 0),
+        },
     },
 }
 

@@ -31,7 +31,7 @@ from .models.vqgan import VQGAN, VQGANConfig
 from .shapes import COLOURS, SHAPES, batch, caption, clutter_batch
 
 __all__ = ["SHAPES_CLIP_ARCH", "SHAPES_CLIP_CONFIG", "SHAPES_VQGAN_CONFIG", "eval_clip",
-           "eval_vqgan", "mine_negatives", "train_clip", "train_vqgan"]
+           "eval_vqgan", "mine_negatives", "negative_bank", "train_clip", "train_vqgan"]
 
 log = logging.getLogger(__name__)
 
@@ -249,6 +249,16 @@ def eval_clip(clip, n: int = 480, split: str = "val") -> dict[str, float]:
                                                                              strict=True)) / n,
             "shape_accuracy": sum(LABELS[p][1] == LABELS[t][1] for p, t in zip(pred, truth,
                                                                             strict=True)) / n}
+
+
+def negative_bank(path: str | Path, per_step: int = 16, seed: int = 0):
+    """``negatives(step)`` for :func:`train_clip`: ``per_step`` images drawn from a file of mined
+    negatives (a safetensors file with an ``images`` tensor, as ``scripts/mine_shapes.py`` writes)."""
+    from .checkpoints import read_state_dict
+
+    bank = read_state_dict(path)["images"].float()
+    g = torch.Generator().manual_seed(seed)
+    return lambda step: bank[torch.randint(len(bank), (min(per_step, len(bank)),), generator=g)]
 
 
 def _log(path: str | Path | None, record: dict) -> None:

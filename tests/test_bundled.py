@@ -1,0 +1,68 @@
+"""The bundled shapes models: checksums, offline use from any directory, and generation that the
+pixel-only judge confirms (issue 4's end-to-end check, at the preset's default settings)."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from vqclip import pretrained
+from vqclip.images import load_image, read_png_text, to_tensor
+from vqclip.judge import judge
+
+BUNDLED = {name: entry for name, entry in {**pretrained.VQGAN_MODELS, **pretrained.CLIP_MODELS}.items()
+           if entry.get("bundled")}
+
+
+def test_bundled_weights_match_the_registry_checksums():
+    assert set(BUNDLED) == {"shapes_f4_512", "vqclip-shapes/v1"}
+    total = 0
+    for name, entry in BUNDLED.items():
+        for remote in entry["files"].values():
+            path = pretrained.PROJECT_CHECKPOINTS / name.replace("/", "--") / remote.filename
+            assert path.stat().st_size == remote.size, path
+            assert pretrained.sha256sum(path) == remote.sha256, path
+            total += remote.size
+    assert total <= 20_000_000  # the issue's budget for shipped weights
+
+
+def test_bundled_models_are_never_downloaded(tmp_path, monkeypatch):
+    monkeypatch.setattr(pretrained, "PROJECT_CHECKPOINTS", tmp_path / "gone")
+    with pytest.raises(pretrained.DownloadError, match="ships with vqclip"):
+        pretrained.download("shapes_f4_512", cache_dir=tmp_path / "cache")
+
+
+@pytest.fixture(scope="module")
+def shapes_generator():
+    from vqclip.generator import Generator
+
+    return Generator.load(preset="shapes", download=False)
+
+
+# two prompts per shape, each colour once or twice; seeds fixed so that the test is repeatable
+PROMPTS = [("red", "circle"), ("blue", "square"), ("yellow", "triangle"), ("green", "circle"),
+           ("purple", "square"), ("white", "triangle")]
+
+
+def test_generation_follows_the_prompt(shapes_generator):
+    hits = []
+    for i, (colour, shape) in enumerate(PROMPTS):
+        result = shapes_generator.generate(f"a {colour} {shape}", seed=i)
+        hits.append(judge(result.tensor[0]).matches(colour, shape))
+    # the issue's bar for the full 72-run evaluation is 80%; here 5 of 6
+    assert sum(hits) >= 5, list(zip(PROMPTS, hits, strict=True))
+
+
+def test_main_command_runs_offline_from_any_directory(tmp_path):
+    env = {**os.environ, "VQCLIP_OFFLINE": "1", "VQCLIP_CACHE": str(tmp_path / "empty-cache")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "vqclip", "-q", "generate", "a red circle", "--preset", "shapes",
+         "--output", "x.png", "--video", "x.mp4", "--seed", "0"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    image = load_image(tmp_path / "x.png")
+    assert image.size == (64, 64) and (tmp_path / "x.mp4").stat().st_size > 0
+    verdict = judge(to_tensor(image)[0])
+    assert verdict.matches("red", "circle") and verdict.num_objects == 1, verdict
+    assert read_png_text(tmp_path / "x.png")["prompt"] == "a red circle"
