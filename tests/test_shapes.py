@@ -102,11 +102,10 @@ def _draw(form: str, box: tuple, points=None) -> torch.Tensor:
 @pytest.mark.parametrize("form, box, points", [
     ("ellipse", (60, 90, 196, 166), None),  # an oval is no circle
     ("rectangle", (70, 100, 186, 156), None),  # a bar is no square
-    # a regular pentagon has a square's hull circularity (0.865), a hexagon a circle's (0.907)
+    # a regular pentagon: between a triangle and a square (triangularity 0.72, circularity 0.865)
     ("polygon", None, [(128 + 60 * math.cos(a), 128 + 60 * math.sin(a))
                        for a in (2 * math.pi * i / 5 - math.pi / 2 for i in range(5))]),
-    ("polygon", None, [(128 + 60 * math.cos(a), 128 + 60 * math.sin(a))
-                       for a in (2 * math.pi * i / 6 for i in range(6))]),
+    ("polygon", None, [(40, 200), (216, 200), (128, 120)]),  # a flat triangle
 ])
 def test_judge_rejects_almost_shapes(form, box, points):
     verdict = judge(_draw(form, box, points))
@@ -132,3 +131,21 @@ def test_clutter_is_deterministic_and_of_every_kind():
     # "almost" shapes are single solid objects that the judge refuses to name
     verdicts = [judge(to_tensor(clutter(seed, kind="almost"))[0]) for seed in range(40)]
     assert all(v.shape is None for v in verdicts) and sum(v.colour is not None for v in verdicts) > 30
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_judge_tolerates_soft_edges_and_rounded_corners(shape):
+    from PIL import Image, ImageDraw, ImageFilter
+
+    from vqclip.images import to_tensor
+
+    image = Image.new("RGB", (256, 256), COLOURS["yellow"])
+    draw = ImageDraw.Draw(image)
+    if shape == "circle":
+        draw.ellipse((70, 70, 186, 186), fill=COLOURS["blue"])
+    elif shape == "square":
+        draw.rounded_rectangle((78, 78, 178, 178), radius=14, fill=COLOURS["blue"])
+    else:
+        draw.polygon([(128, 70), (60, 188), (196, 188)], fill=COLOURS["blue"])
+    soft = image.filter(ImageFilter.GaussianBlur(4)).reduce(4)  # about 1 px of blur at 64 px
+    assert judge(to_tensor(soft)[0]).matches("blue", shape)

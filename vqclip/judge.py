@@ -2,13 +2,22 @@
 
 It takes the background to be the median colour of the image's border, segments what differs
 from it, and reads the largest object's colour (the nearest palette colour to its median pixel)
-and its shape from geometry: the circularity of its convex hull (4π·area/perimeter²: about
-0.96+ for a circle, 0.93 for a pixelated hexagon, 0.79 for a square, 0.69 for a small triangle,
-whatever the rotation). A ragged blob
-(low solidity: much less area than its hull), a region that touches the border or covers
-half the image (texture, not an object), an elongated region (an oval, a bar: the three shapes
-have equal principal moments), a circularity between the bands, or a "square" that does not fill
-its smallest enclosing rectangle (a pentagon) has no shape; a patchy region has no colour.
+and its shape from the geometry of its convex hull, whatever the rotation:
+
+- circularity, 4π·area/perimeter²: 0.96+ for a circle, 0.79 for a square, 0.60–0.74 for a
+  triangle;
+- rectangularity, the hull's area over its smallest enclosing rectangle: 1 for a square, 0.79
+  for a circle, 0.5 for a triangle;
+- triangularity, the largest triangle on the hull's vertices over the hull's area: 1 for a
+  triangle, 0.72 for a regular pentagon, 0.5 for a square, 0.41 for a circle.
+
+A circle is round (circularity ≥ 0.93) and no rectangle; a square fills its rectangle (≥ 0.9)
+and is no circle; a triangle fills its largest inner triangle (≥ 0.74) and is not round. Some
+rounding of corners, as a VQGAN's decoder gives, is tolerated; at 64 px a regular hexagon passes
+for a circle. A ragged blob (low solidity: much less area than its hull), an elongated region
+(an oval, a bar: the three shapes have equal principal moments), a region that touches the
+border or covers half the image (texture, not an object), or anything between the classes has
+no shape; a patchy region has no colour.
 """
 
 from __future__ import annotations
@@ -24,7 +33,6 @@ from .shapes import COLOURS
 __all__ = ["Verdict", "judge"]
 
 _PALETTE = torch.tensor(list(COLOURS.values()), dtype=torch.float32) / 255  # (8, 3)
-_BANDS = {"circle": (0.945, 1.01), "square": (0.77, 0.90), "triangle": (0.55, 0.765)}
 
 
 @dataclass(frozen=True)
@@ -37,6 +45,7 @@ class Verdict:
     area: float = 0.0  # of the largest object, as a fraction of the image
     roundness: float = 0.0  # minor/major axis from the second moments: 1 for all three shapes
     rectangularity: float = 0.0  # hull area / its smallest enclosing rectangle: 1 for a square
+    triangularity: float = 0.0  # the largest triangle on the hull / the hull: 1 for a triangle
 
     def matches(self, colour: str, shape: str) -> bool:
         return self.colour == colour and self.shape == shape
@@ -115,14 +124,25 @@ def judge(image: torch.Tensor, threshold: float = 0.25) -> Verdict:
     minor, major = torch.linalg.eigvalsh(centred @ centred.T / len(xs)).clamp(min=0).sqrt().tolist()
     roundness = minor / major if major else 0.0
     rectangularity = hull_area / _min_rectangle(hull) if hull_area else 0.0
+    triangularity = _max_triangle(hull) / hull_area if hull_area else 0.0
     shape = None
     # an object, not texture, and not an oval or a bar
     if solidity > 0.85 and roundness > 0.8 and not touches_border and area <= 0.5 * h * w:
-        shape = next((s for s, (lo, hi) in _BANDS.items() if lo <= circularity < hi), None)
-        if shape == "square" and rectangularity < 0.88:  # a pentagon has a square's circularity
-            shape = None
+        if circularity >= 0.93 and rectangularity < 0.9:
+            shape = "circle"
+        elif rectangularity >= 0.9 and circularity < 0.95:
+            shape = "square"
+        elif triangularity >= 0.74 and circularity < 0.86:
+            shape = "triangle"
     return Verdict(colour, shape, num_objects, circularity, solidity, area / (h * w), roundness,
-                   rectangularity)
+                   rectangularity, triangularity)
+
+
+def _max_triangle(hull: torch.Tensor) -> float:
+    """The area of the largest triangle with its corners on a convex polygon's vertices."""
+    a, b, c = hull[torch.combinations(torch.arange(len(hull)), 3)].unbind(1)  # (T, 2) each
+    u, v = b - a, c - a
+    return 0.5 * (u[:, 0] * v[:, 1] - u[:, 1] * v[:, 0]).abs().max().item()
 
 
 def _min_rectangle(hull: torch.Tensor) -> float:
