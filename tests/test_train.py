@@ -54,6 +54,15 @@ def test_mined_negatives_feed_clip_training(tiny_generator, tmp_path):
     # random tiny models make nothing the judge accepts: every try is a negative
     negatives = mine_negatives(tiny_generator, n=3, steps=1, size=[64, 64], cutn=2)
     assert negatives.shape == (3, 3, 64, 64)
+    runs = []
+    generate = tiny_generator.generate
+    tiny_generator.generate = lambda *a, **k: runs.append(1) or generate(*a, **k)
+    try:  # three snapshots of one run: after steps 1 and 3, and the final image
+        snaps = mine_negatives(tiny_generator, n=3, steps=5, snapshots=3, size=[64, 64], cutn=2)
+    finally:
+        del tiny_generator.generate
+    assert snaps.shape == (3, 3, 64, 64) and len(runs) == 1
+    assert not torch.equal(snaps[0], snaps[2])
     log = tmp_path / "clip.jsonl"
     train_clip(tmp_path / "clip.safetensors", steps=2, batch_size=8, progress=False,
                negatives=lambda step: negatives, log_file=log, log_every=1)

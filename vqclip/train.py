@@ -268,7 +268,7 @@ def _log(path: str | Path | None, record: dict) -> None:
 
 
 def mine_negatives(generator, n: int, seed: int = 0, max_tries: int | None = None,
-                   **settings) -> torch.Tensor:
+                   snapshots: int = 1, **settings) -> torch.Tensor:
     """Images the generation loop makes that the judge rejects for their prompt.
 
     These are the tiny CLIP's blind spots: images it was steered to rate as "a {colour}
@@ -278,6 +278,8 @@ def mine_negatives(generator, n: int, seed: int = 0, max_tries: int | None = Non
     Args:
         generator: a :class:`vqclip.generator.Generator` with the models being improved.
         n: how many to collect. settings: generation settings (``steps``, ``lr``...).
+        snapshots: images taken from each run, evenly spaced along it and ending with the final
+            one (the loop's path towards a blind spot is made of blind spots too).
     Returns:
         ``(m, 3, H, W)`` with m <= n (fewer if ``max_tries`` generations ran out first).
     """
@@ -286,10 +288,18 @@ def mine_negatives(generator, n: int, seed: int = 0, max_tries: int | None = Non
     rng = random.Random(seed)
     found: list[torch.Tensor] = []
     for _ in range(max_tries or 4 * n):
-        if len(found) == n:
+        if len(found) >= n:
             break
         colour, shape = rng.choice(LABELS)
-        result = generator.generate(f"a {colour} {shape}", seed=rng.randrange(2**31), **settings)
-        if not judge(result.tensor[0]).matches(colour, shape):
-            found.append(result.tensor[0])
+        frames: list[torch.Tensor] = []
+        steps = settings.get("steps", generator.config.optim.steps)
+        keep = {steps * (i + 1) // snapshots - 1 for i in range(snapshots - 1)}
+        result = generator.generate(
+            f"a {colour} {shape}", seed=rng.randrange(2**31),
+            callback=lambda step, info: frames.append(info["image"][0].detach().cpu())
+            if step in keep else None, **settings)
+        for image in [*frames, result.tensor[0]]:
+            if not judge(image).matches(colour, shape):
+                found.append(image)
+    found = found[:n]
     return torch.stack(found) if found else torch.empty(0, 3, 64, 64)
