@@ -4,16 +4,18 @@
 2. Tiny VQGAN: reconstruction PSNR, and how often the judge reads the same colour and shape.
 3. Generation: `--preset shapes` at its default settings for every "a {colour} {shape}" prompt
    and 3 seeds; the pixel-only judge decides, and CLIP's own verdict is compared with it.
-   Generation goes through the same `Generator` the CLI uses, loaded once.
+   Generation goes through the same `Generator` the CLI uses, loaded once per worker process
+   (one torch thread each).
 
 Usage: python scripts/eval_shapes.py [--split test] [--n 960] [--seeds 0 1 2] [--only gen|models]
-                                     [--save DIR] [key=value overrides for generation]
+                                     [--workers 2] [--save DIR] [key=value generation overrides]
 """
 
 import argparse
 import sys
 import time
 from collections import defaultdict
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
@@ -23,6 +25,33 @@ from vqclip.generator import Generator
 from vqclip.judge import judge
 from vqclip.train import LABELS, eval_clip, eval_vqgan
 
+_gen: Generator | None = None
+
+
+def _start(overrides: list[str]) -> None:
+    global _gen
+    torch.set_num_threads(1)
+    _gen = Generator.load(preset="shapes", device="cpu", overrides=overrides)
+
+
+def _run(job: tuple[str, str, int, str | None]) -> dict:
+    colour, shape, seed, save = job
+    prompt = f"a {colour} {shape}"
+    start = time.perf_counter()
+    result = _gen.generate(prompt, seed=seed)
+    seconds = time.perf_counter() - start
+    image = result.tensor[0]
+    texts = [f"a {c} {s}" for c, s in LABELS]
+    with torch.no_grad():
+        t = F.normalize(_gen.clip.encode_text(texts), dim=-1)
+        e = F.normalize(_gen.clip.encode_image(image[None]), dim=-1)
+    verdict = judge(image)
+    if save:
+        result.images[0].save(Path(save) / f"{colour}-{shape}-{seed}.png")
+    return {"prompt": prompt, "shape": shape, "seed": seed, "ok": verdict.matches(colour, shape),
+            "clip_ok": texts[int((e @ t.T).argmax())] == prompt, "seconds": seconds,
+            "verdict": f"{verdict.colour or '-'} {verdict.shape or '-'}"}
+
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -30,48 +59,43 @@ def main():
     ap.add_argument("--n", type=int, default=960)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--only", choices=["gen", "models"])
+    ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--save", help="folder for the generated images")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
-    gen = Generator.load(preset="shapes", device="cpu")
     if args.only != "gen":
+        gen = Generator.load(preset="shapes", device="cpu")
         c = eval_clip(gen.clip, n=args.n, split=args.split)
         print(f"CLIP zero-shot on {args.n} {args.split} renders: accuracy {c['accuracy']:.1%} "
               f"(colour {c['colour_accuracy']:.1%}, shape {c['shape_accuracy']:.1%})")
         v = eval_vqgan(gen.vqgan, n=args.n, split=args.split)
         print(f"VQGAN on {args.n} {args.split} renders: PSNR {v['psnr']:.2f} dB, judge keeps "
-              f"colour and shape in {v['judge_kept']:.1%}")
+              f"colour and shape in {v['judge_kept']:.1%}", flush=True)
     if args.only == "models":
         return
-    texts = [f"a {c} {s}" for c, s in LABELS]
-    with torch.no_grad():
-        label_embeds = F.normalize(gen.clip.encode_text(texts), dim=-1)
-    rows, per_shape, agree, times = [], defaultdict(list), [], []
-    for colour, shape in LABELS:
-        prompt = f"a {colour} {shape}"
-        hits = []
-        for seed in args.seeds:
-            start = time.perf_counter()
-            result = gen.generate(prompt=prompt, seed=seed, overrides=args.overrides)
-            times.append(time.perf_counter() - start)
-            image = result.tensor[0]
-            ok = judge(image).matches(colour, shape)
-            with torch.no_grad():
-                e = F.normalize(gen.clip.encode_image(image[None]), dim=-1)
-            clip_ok = texts[int((e @ label_embeds.T).argmax())] == prompt
-            hits.append(ok)
-            per_shape[shape].append(ok)
-            agree.append(ok == clip_ok)
-            if args.save:
-                Path(args.save).mkdir(parents=True, exist_ok=True)
-                result.images[0].save(Path(args.save) / f"{colour}-{shape}-{seed}.png")
-        rows.append((prompt, hits))
-        print(f"| {prompt} | {' '.join('✓' if h else '✗' for h in hits)} |", flush=True)
-    total = [h for _, hs in rows for h in hs]
-    print(f"judge: {sum(total)}/{len(total)} = {sum(total) / len(total):.1%}; " + ", ".join(
-        f"{s} {sum(v) / len(v):.1%}" for s, v in per_shape.items()))
-    print(f"CLIP's verdict agrees with the judge in {sum(agree) / len(agree):.1%}")
-    print(f"seconds per generation: mean {sum(times) / len(times):.1f}, max {max(times):.1f}")
+    if args.save:
+        Path(args.save).mkdir(parents=True, exist_ok=True)
+    jobs = [(c, s, seed, args.save) for c, s in LABELS for seed in args.seeds]
+    with ProcessPoolExecutor(args.workers, initializer=_start, initargs=(args.overrides,)) as pool:
+        results = list(pool.map(_run, jobs))
+    by_prompt, per_shape = defaultdict(list), defaultdict(list)
+    for r in results:
+        by_prompt[r["prompt"]].append(r)
+        per_shape[r["shape"]].append(r["ok"])
+    print("| prompt | " + " | ".join(f"seed {s}" for s in args.seeds) + " |")
+    print("|---|" + "---|" * len(args.seeds))
+    for prompt, rs in by_prompt.items():
+        print(f"| {prompt} | " + " | ".join(("✓ " if r["ok"] else "✗ ") + r["verdict"]
+                                            for r in rs) + " |")
+    ok = [r["ok"] for r in results]
+    print(f"judge: {sum(ok)}/{len(ok)} = {sum(ok) / len(ok):.1%}; " + ", ".join(
+        f"{s} {sum(v)}/{len(v)} = {sum(v) / len(v):.1%}" for s, v in per_shape.items()))
+    agree = [r["ok"] == r["clip_ok"] for r in results]
+    print(f"CLIP's verdict agrees with the judge in {sum(agree)}/{len(agree)} = "
+          f"{sum(agree) / len(agree):.1%} (CLIP rates {sum(r['clip_ok'] for r in results)} correct)")
+    secs = [r["seconds"] for r in results]
+    print(f"seconds per generation (one thread, model already loaded): mean {sum(secs) / len(secs):.1f}, "
+          f"max {max(secs):.1f}")
 
 
 if __name__ == "__main__":

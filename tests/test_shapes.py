@@ -146,6 +146,8 @@ def test_judge_tolerates_soft_edges_and_rounded_corners(shape):
     elif shape == "square":
         draw.rounded_rectangle((78, 78, 178, 178), radius=14, fill=COLOURS["blue"])
     else:
-        draw.polygon([(128, 70), (60, 188), (196, 188)], fill=COLOURS["blue"])
+        side = 136
+        draw.polygon([(128, 128 - side * 0.43), (128 - side / 2, 128 + side * 0.43),
+                      (128 + side / 2, 128 + side * 0.43)], fill=COLOURS["blue"])
     soft = image.filter(ImageFilter.GaussianBlur(4)).reduce(4)  # about 1 px of blur at 64 px
     assert judge(to_tensor(soft)[0]).matches("blue", shape)

@@ -12,9 +12,10 @@ and its shape from the geometry of its convex hull, whatever the rotation:
   triangle, 0.72 for a regular pentagon, 0.5 for a square, 0.41 for a circle.
 
 A circle is round (circularity ≥ 0.93) and no rectangle; a square fills its rectangle (≥ 0.9)
-and is no circle; a triangle fills its largest inner triangle (≥ 0.74) and is not round. Some
-rounding of corners, as a VQGAN's decoder gives, is tolerated; at 64 px a regular hexagon passes
-for a circle. A ragged blob (low solidity: much less area than its hull), an elongated region
+and is no circle; a triangle fills two thirds of its hull with one inner triangle, and is less
+round (circularity < 0.83) than a pentagon (0.865). Corners rounded as a VQGAN's decoder rounds
+them are tolerated (a 20-pixel triangle from the shapes VQGAN: triangularity 0.68–0.74,
+circularity 0.75–0.80); at 64 px a regular hexagon passes for a circle. A ragged blob (low solidity: much less area than its hull), an elongated region
 (an oval, a bar: the three shapes have equal principal moments), a region that touches the
 border or covers half the image (texture, not an object), or anything between the classes has
 no shape; a patchy region has no colour.
@@ -132,7 +133,7 @@ def judge(image: torch.Tensor, threshold: float = 0.25) -> Verdict:
             shape = "circle"
         elif rectangularity >= 0.9 and circularity < 0.95:
             shape = "square"
-        elif triangularity >= 0.74 and circularity < 0.86:
+        elif triangularity >= 0.66 and circularity < 0.83 and rectangularity < 0.8:
             shape = "triangle"
     return Verdict(colour, shape, num_objects, circularity, solidity, area / (h * w), roundness,
                    rectangularity, triangularity)
