@@ -106,8 +106,11 @@ VQGAN_MODELS["shapes_f4_512"] = {
     "description": "shapes world, f=4, 512 codes, 64 px (vqclip's own, bundled): the offline preset",
     "license": _BUNDLED_LICENSE, "bundled": True,
     "files": {
-        "config": RemoteFile("", "model.yaml", "SHA_VQ_YAML", 0),
-        "ckpt": RemoteFile("", "vqgan.safetensors", "SHA_VQ_WEIGHTS", 0),
+        "config": RemoteFile(
+            "", "model.yaml", "09037172d51e7a8041bac74af2084b27428ec3219621d44179f0943031413907", 333),
+        "ckpt": RemoteFile(
+            "", "vqgan.safetensors",
+            "8b0fcb30c760291bc9cdaacbb8604a83beb781261bd104cc5767cc879df0b51c", 5977838),
     },
 }
 
@@ -133,8 +136,12 @@ CLIP_MODELS: dict[str, dict] = {
         "description": "tiny CLIP of the shapes world, 64 px (vqclip's own, bundled): the offline preset",
         "license": _BUNDLED_LICENSE,
         "files": {
-            "config": RemoteFile("", "vqclip-shapes.json", "SHA_CLIP_JSON", 0),
-            "weights": RemoteFile("", "open_clip_model.safetensors", "SHA_CLIP_WEIGHTS", 0),
+            "config": RemoteFile(
+                "", "vqclip-shapes.json",
+                "db7cc6610b36637eea9a46d645929d8d80fa4c447adb85c49364f6f39a570c90", 265),
+            "weights": RemoteFile(
+                "", "open_clip_model.safetensors",
+                "bfce257a957000f01864e8aad8bc7a0c1acbf1b0fa153f1db5a40dc640804bb0", 8316666),
         },
     },
 }
