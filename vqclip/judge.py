@@ -15,10 +15,11 @@ A circle is round (circularity ≥ 0.93) and no rectangle; a square fills its re
 and is no circle; a triangle fills two thirds of its hull with one inner triangle, and is less
 round (circularity < 0.83) than a pentagon (0.865). Corners rounded as a VQGAN's decoder rounds
 them are tolerated (a 20-pixel triangle from the shapes VQGAN: triangularity 0.68–0.74,
-circularity 0.75–0.80); at 64 px a regular hexagon passes for a circle. A ragged blob (low solidity: much less area than its hull), an elongated region
-(an oval, a bar: the three shapes have equal principal moments), a region that touches the
-border or covers half the image (texture, not an object), or anything between the classes has
-no shape; a patchy region has no colour.
+circularity 0.75–0.80); at 64 px a regular hexagon passes for a circle. A ragged blob (low
+solidity: much less area than its hull), an elongated region (an oval, a bar: the three
+shapes have equal principal moments), a region that touches the border or covers half the
+image (texture, not an object), or anything between the classes has no shape; a patchy region
+has no colour.
 """
 
 from __future__ import annotations

@@ -287,17 +287,21 @@ def mine_negatives(generator, n: int, seed: int = 0, max_tries: int | None = Non
 
     rng = random.Random(seed)
     found: list[torch.Tensor] = []
+    steps = settings.get("steps", generator.config.optim.steps)
+    keep = {steps * (i + 1) // snapshots - 1 for i in range(snapshots - 1)}
+    frames: list[torch.Tensor] = []
+
+    def snapshot(step: int, info: dict) -> None:
+        if step in keep:
+            frames.append(info["image"][0].detach().cpu())
+
     for _ in range(max_tries or 4 * n):
         if len(found) >= n:
             break
         colour, shape = rng.choice(LABELS)
-        frames: list[torch.Tensor] = []
-        steps = settings.get("steps", generator.config.optim.steps)
-        keep = {steps * (i + 1) // snapshots - 1 for i in range(snapshots - 1)}
-        result = generator.generate(
-            f"a {colour} {shape}", seed=rng.randrange(2**31),
-            callback=lambda step, info: frames.append(info["image"][0].detach().cpu())
-            if step in keep else None, **settings)
+        frames.clear()
+        result = generator.generate(f"a {colour} {shape}", seed=rng.randrange(2**31),
+                                    callback=snapshot, **settings)
         for image in [*frames, result.tensor[0]]:
             if not judge(image).matches(colour, shape):
                 found.append(image)
