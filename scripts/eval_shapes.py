@@ -25,13 +25,18 @@ from vqclip.generator import Generator
 from vqclip.judge import judge
 from vqclip.train import LABELS, eval_clip, eval_vqgan
 
+TEXTS = [f"a {c} {s}" for c, s in LABELS]
 _gen: Generator | None = None
+_label_embeds: torch.Tensor | None = None
 
 
 def _start(overrides: list[str]) -> None:
-    global _gen
+    """Each worker: one thread, the models loaded once, the 24 label texts embedded once."""
+    global _gen, _label_embeds
     torch.set_num_threads(1)
     _gen = Generator.load(preset="shapes", device="cpu", overrides=overrides)
+    with torch.no_grad():
+        _label_embeds = F.normalize(_gen.clip.encode_text(TEXTS), dim=-1)
 
 
 def _run(job: tuple[str, str, int, str | None]) -> dict:
@@ -41,15 +46,13 @@ def _run(job: tuple[str, str, int, str | None]) -> dict:
     result = _gen.generate(prompt, seed=seed)
     seconds = time.perf_counter() - start
     image = result.tensor[0]
-    texts = [f"a {c} {s}" for c, s in LABELS]
     with torch.no_grad():
-        t = F.normalize(_gen.clip.encode_text(texts), dim=-1)
         e = F.normalize(_gen.clip.encode_image(image[None]), dim=-1)
     verdict = judge(image)
     if save:
         result.images[0].save(Path(save) / f"{colour}-{shape}-{seed}.png")
     return {"prompt": prompt, "shape": shape, "seed": seed, "ok": verdict.matches(colour, shape),
-            "clip_ok": texts[int((e @ t.T).argmax())] == prompt, "seconds": seconds,
+            "clip_ok": TEXTS[int((e @ _label_embeds.T).argmax())] == prompt, "seconds": seconds,
             "verdict": f"{verdict.colour or '-'} {verdict.shape or '-'}"}
 
 

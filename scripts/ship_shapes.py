@@ -8,14 +8,13 @@ open_clip model-config JSON for CLIP.
 Usage: python scripts/ship_shapes.py VQGAN.safetensors CLIP.safetensors
 """
 
-import hashlib
 import sys
 from pathlib import Path
 
 import yaml
 
 from vqclip.checkpoints import read_state_dict, save_safetensors
-from vqclip.pretrained import PROJECT_CHECKPOINTS
+from vqclip.pretrained import PROJECT_CHECKPOINTS, sha256sum
 from vqclip.train import SHAPES_CLIP_ARCH, SHAPES_CLIP_CONFIG, SHAPES_VQGAN_CONFIG
 
 VQGAN_NAME, CLIP_NAME = "shapes_f4_512", f"{SHAPES_CLIP_ARCH}/v1"
@@ -35,8 +34,8 @@ def ship(src: Path, folder: Path, weights: str, extra: dict[str, str]) -> None:
     for name, text in extra.items():
         (folder / name).write_text(text)
     for path in sorted(folder.iterdir()):  # the registry's RemoteFile for each
-        digest = hashlib.sha256(path.read_bytes()).hexdigest()
-        print(f'{folder.name}: RemoteFile("", "{path.name}", "{digest}", {path.stat().st_size})')
+        print(f'{folder.name}: RemoteFile("", "{path.name}", "{sha256sum(path)}", '
+              f'{path.stat().st_size})')
 
 
 def main():

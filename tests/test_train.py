@@ -67,3 +67,19 @@ def test_mined_negatives_feed_clip_training(tiny_generator, tmp_path):
     train_clip(tmp_path / "clip.safetensors", steps=2, batch_size=8, progress=False,
                negatives=lambda step: negatives, log_file=log, log_every=1)
     assert len(_losses(log)) == 2
+
+
+def test_train_command_refuses_wrong_files_in_one_line(tmp_path, capsys):
+    from vqclip.cli import main
+
+    vqgan = tmp_path / "v.safetensors"
+    assert main(["-q", "train", "shapes-vqgan", "--steps", "1", "--batch-size", "1", "--out",
+                 str(vqgan), "--threads", "1"]) == 0
+    capsys.readouterr()
+    out = str(tmp_path / "c.safetensors")
+    for flag, message in (("--init", "weights do not fit the vqclip-shapes CLIP; missing keys"),
+                          ("--negatives", "no mined negatives here")):
+        assert main(["-q", "train", "shapes-clip", "--steps", "1", "--out", out, flag,
+                     str(vqgan)]) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, err

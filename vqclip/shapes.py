@@ -148,9 +148,15 @@ def batch(start: int, n: int, split: str = "train", size: int = 64,
           num_objects: int | None = None) -> tuple[torch.Tensor, list[Scene]]:
     """Scenes ``start .. start+n-1`` of a split, rendered: ``(n, 3, size, size)`` in [0, 1]."""
     scenes = [sample_scene(start + i, split, num_objects) for i in range(n)]
-    data = b"".join(render(s, size).tobytes() for s in scenes)
-    images = torch.frombuffer(bytearray(data), dtype=torch.uint8).view(n, size, size, 3)
-    return images.permute(0, 3, 1, 2).float() / 255, scenes
+    return _stack([render(s, size) for s in scenes]), scenes
+
+
+def _stack(images: list[Image.Image]) -> torch.Tensor:
+    """Same-size RGB images as one ``(n, 3, H, W)`` tensor in [0, 1]."""
+    w, h = images[0].size
+    data = bytearray(b"".join(im.tobytes() for im in images))
+    return torch.frombuffer(data, dtype=torch.uint8).view(len(images), h, w, 3).permute(
+        0, 3, 1, 2).float() / 255
 
 
 # ------------------------------------------------------------------------------------- clutter
@@ -206,6 +212,4 @@ def clutter(seed: int, size: int = 64, supersample: int = 4, kind: str | None = 
 
 def clutter_batch(start: int, n: int, size: int = 64) -> torch.Tensor:
     """Clutter images ``start .. start+n-1``: ``(n, 3, size, size)`` in [0, 1]."""
-    data = b"".join(clutter(start + i, size).tobytes() for i in range(n))
-    images = torch.frombuffer(bytearray(data), dtype=torch.uint8).view(n, size, size, 3)
-    return images.permute(0, 3, 1, 2).float() / 255
+    return _stack([clutter(start + i, size) for i in range(n)])

@@ -184,7 +184,7 @@ def train_clip(out: str | Path, steps: int = 4000, batch_size: int = 128, lr: fl
     """
     import open_clip
 
-    from .checkpoints import read_state_dict
+    from .checkpoints import load_strict, read_state_dict
 
     out = Path(out)
     torch.manual_seed(seed)
@@ -192,7 +192,7 @@ def train_clip(out: str | Path, steps: int = 4000, batch_size: int = 128, lr: fl
     register_shapes_clip(out.parent)
     model = open_clip.create_model(SHAPES_CLIP_ARCH)
     if init is not None:
-        model.load_state_dict(read_state_dict(init))
+        load_strict(model, read_state_dict(init), init, f"the {SHAPES_CLIP_ARCH} CLIP")
     model.train()
     pp = open_clip.get_model_preprocess_cfg(model)
     mean, std = torch.tensor(pp["mean"]), torch.tensor(pp["std"])
@@ -254,9 +254,13 @@ def eval_clip(clip, n: int = 480, split: str = "val") -> dict[str, float]:
 def negative_bank(path: str | Path, per_step: int = 16, seed: int = 0):
     """``negatives(step)`` for :func:`train_clip`: ``per_step`` images drawn from a file of mined
     negatives (a safetensors file with an ``images`` tensor, as ``scripts/mine_shapes.py`` writes)."""
-    from .checkpoints import read_state_dict
+    from .checkpoints import CheckpointError, read_state_dict
 
-    bank = read_state_dict(path)["images"].float()
+    bank = read_state_dict(path).get("images")
+    if bank is None or bank.ndim != 4 or bank.shape[1] != 3 or len(bank) == 0:
+        raise CheckpointError(f"{path}: no mined negatives here (an `images` tensor (N, 3, H, W), "
+                              "as scripts/mine_shapes.py writes)")
+    bank = bank.float()
     g = torch.Generator().manual_seed(seed)
     return lambda step: bank[torch.randint(len(bank), (min(per_step, len(bank)),), generator=g)]
 
