@@ -142,7 +142,8 @@ def test_interrupt_keeps_the_current_image_and_video(tiny_generator, tmp_path):
 def test_png_metadata_round_trips(tiny_generator, tmp_path):
     result = tiny_generator.generate(prompt="a 16\\:9 red circle:2", steps=2, candidates=2,
                                      output=str(tmp_path / "out.png"), **SMALL)
-    assert [p.name for p in result.files] == ["out-0.png", "out-0.yaml", "out-1.png", "out-1.yaml"]
+    assert [p.name for p in result.files] == ["out-0.png", "out-0.yaml", "out-1.png", "out-1.yaml",
+                                              "out-ranking.json"]
     text = read_png_text(tmp_path / "out-1.png")
     assert text["prompt"] == "a 16\\:9 red circle:2" and text["seed"] == "2"
     assert text["vqgan"].endswith("vqgan.safetensors") and text["clip"].startswith("vqclip-test-tiny/")

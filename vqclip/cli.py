@@ -144,6 +144,10 @@ def _generate(cfg, args: argparse.Namespace) -> int:
         return 130
     for path in result.files:
         print(path)
+    if result.scores is not None and len(result.images) > 1:
+        k = result.order[0]
+        log.info("best of %d by %s: candidate %d (seed %d), score %.4f", len(result.images),
+                 result.ranked_by, k, result.seeds[k], result.scores[k])
     t = result.timings
     log.info("%d steps in %.1f s (%.3f s/step), seed %d", result.steps_done, t["steps"],
              t["per_step"], result.seeds[0])
@@ -168,12 +172,120 @@ def cmd_train(args: argparse.Namespace) -> int:
             kw["augments"] = tuple(args.augments)
         if args.clutter is not None:
             kw["clutter"] = args.clutter
+        if args.adversarial is not None:
+            kw["adversarial"] = args.adversarial
         if args.negatives:
             kw["negatives"] = train.negative_bank(args.negatives, seed=args.seed or 0)
         train.train_clip(out, progress=not args.quiet, log_file=args.log, init=args.init, **kw)
     log.info("trained in %.0f s", time.perf_counter() - start)
     print(out)
     return 0
+
+
+def _scorer(args: argparse.Namespace):
+    from .scoring import Scorer
+
+    models = {k: getattr(args, k) for k in ("clip", "clip_pretrained", "clip_config")
+              if getattr(args, k) is not None}
+    return Scorer.load(preset=args.preset, device=args.device or "auto", cache=not args.no_cache,
+                       batch_size=args.batch_size, **models)
+
+
+def _print_json(data) -> None:
+    print(json.dumps(data, indent=2))
+
+
+def _none_readable(results) -> int:
+    """The exit code of a scoring command: 1, with a message, when no image could be read."""
+    if results:
+        return 0
+    print("vqclip: none of the images could be read (see the warnings above)", file=sys.stderr)
+    return 1
+
+
+def _print_matches(matches) -> None:
+    if not matches:
+        return
+    print(f"{'RANK':>4}  {'SCORE':>7}  PATH")
+    for r, m in enumerate(matches, 1):
+        print(f"{r:>4}  {m.score:>7.4f}  {m.path}")
+
+
+def cmd_classify(args: argparse.Namespace) -> int:
+    labels = [label.strip() for label in args.labels.split(",")]
+    scorer = _scorer(args)
+    results = scorer.classify(args.images, labels, args.templates, progress=not args.quiet)
+    if args.json:
+        _print_json([{"path": r.path, "top": r.top, "probs": r.probs} for r in results])
+        return _none_readable(results)
+    width = max((len(r.path) for r in results), default=0)
+    for r in results:
+        best = sorted(r.probs.items(), key=lambda kv: -kv[1])[:args.show]
+        print(f"{r.path:<{width}}  " + "  ".join(f"{label} {p:.1%}" for label, p in best))
+    return _none_readable(results)
+
+
+def cmd_rank(args: argparse.Namespace) -> int:
+    matches = _scorer(args).rank(args.images, args.prompt, progress=not args.quiet)
+    if args.json:
+        _print_json([{"path": m.path, "score": m.score} for m in matches])
+    else:
+        _print_matches(matches)
+    return _none_readable(matches)
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    if args.top < 1:
+        raise ValueError(f"--top must be >= 1, got {args.top}")
+    matches = _scorer(args).search(args.folder, args.query, args.top, progress=not args.quiet)
+    if args.json:
+        _print_json([{"path": m.path, "score": m.score} for m in matches])
+    else:
+        _print_matches(matches)
+    return _none_readable(matches)
+
+
+def _add_scoring(sub) -> None:
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--json", action="store_true", help="machine-readable output")
+        g = p.add_argument_group("models")
+        g.add_argument("--preset", help="the CLIP of this preset (default: imagenet, ViT-B-32)")
+        g.add_argument("--clip", metavar="ARCH")
+        g.add_argument("--clip-pretrained", dest="clip_pretrained", metavar="TAG|PATH")
+        g.add_argument("--clip-config", dest="clip_config", metavar="JSON")
+        g.add_argument("--device", help="auto (default), cpu, cuda, cuda:N or mps")
+        g.add_argument("--batch-size", dest="batch_size", type=int, default=64, metavar="N")
+        g.add_argument("--no-cache", dest="no_cache", action="store_true",
+                       help="do not read or write the on-disk cache of image embeddings")
+        _add_verbosity(p, argparse.SUPPRESS)
+
+    p = sub.add_parser("classify", help="zero-shot classification of images over labels",
+                       description="Each image's probabilities over the labels: CLIP's softmax of "
+                                   "the image against each label (averaged over --templates).")
+    p.add_argument("images", nargs="+", metavar="IMAGE")
+    p.add_argument("--labels", required=True, metavar="A,B,...", help="comma-separated labels")
+    p.add_argument("--templates", nargs="+", metavar="T",
+                   help='prompt templates with {} for the label, e.g. "a photo of a {}."')
+    p.add_argument("--show", type=int, default=3, metavar="N", help="labels per image in the table")
+    common(p)
+    p.set_defaults(func=cmd_classify)
+
+    p = sub.add_parser("rank", help="rank images by how well they match a prompt",
+                       description="Cosine similarity of each image to the prompt, best first. "
+                                   "Weighted prompts (\"a:1|b:-0.5\") as for generate.")
+    p.add_argument("images", nargs="+", metavar="IMAGE")
+    p.add_argument("--prompt", required=True, metavar="TEXT")
+    common(p)
+    p.set_defaults(func=cmd_rank)
+
+    p = sub.add_parser("search", help="find the images in a folder that match a description",
+                       description="Text-to-image search over a folder, recursively. Embeddings are "
+                                   "cached per model by file content, so searching again is fast.")
+    p.add_argument("folder", metavar="DIR")
+    p.add_argument("query", metavar="QUERY")
+    p.add_argument("--top", type=int, default=10, metavar="K", help="how many results (default 10)")
+    common(p)
+    p.set_defaults(func=cmd_search)
 
 
 def _add_verbosity(parser: argparse.ArgumentParser, default) -> None:
@@ -238,6 +350,9 @@ def _add_generate(sub) -> None:
     g.add_argument("--clip-pretrained", dest="clip_pretrained", metavar="TAG|PATH")
     g.add_argument("--clip-config", dest="clip_config", metavar="JSON",
                    help="open_clip model config for a custom architecture")
+    g.add_argument("--rank-clip", dest="rank_clip", metavar="ARCH/TAG",
+                   help="rank the candidates with this CLIP (registry name, or ARCH/path to "
+                        "weights) rather than the guiding one")
     g = p.add_argument_group("output")
     g.add_argument("--output", metavar="FILE.png", help="candidate k of several: FILE-k.png")
     g.add_argument("--video", metavar="FILE.mp4|.gif")
@@ -255,6 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_verbosity(parser, False)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_generate(sub)
+    _add_scoring(sub)
 
     p = sub.add_parser("train", help="train the bundled offline models on the shapes world",
                        description="Train the tiny VQGAN or CLIP of the shapes preset. Reproducible "
@@ -276,6 +392,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="shapes-clip: clutter negatives per batch (default 48)")
     p.add_argument("--negatives", metavar="FILE.safetensors",
                    help="shapes-clip: mined negatives (scripts/mine_shapes.py), 16 per batch")
+    p.add_argument("--adversarial", type=float, metavar="EPS",
+                   help="shapes-clip: train on PGD perturbations up to EPS (L-inf, pixels in 0..1)")
     _add_verbosity(p, argparse.SUPPRESS)
     p.set_defaults(func=cmd_train)
 

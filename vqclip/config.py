@@ -40,6 +40,9 @@ class ModelsConfig:
     clip: str = "ViT-B-32"  # open_clip architecture
     clip_pretrained: Optional[str] = "openai"  # registry tag or weights file
     clip_config: Optional[str] = None  # open_clip model-config JSON for a custom architecture
+    # ranks the results: "ARCH/TAG" from the registry or "ARCH/path/to/weights"; default: the
+    # guiding CLIP. Another model does not reward images that only fool the guiding one.
+    rank_clip: Optional[str] = None
 
 
 @dataclass
@@ -102,6 +105,7 @@ FLAT_KEYS = {
     "overview": "cutouts.overview",
     "vqgan": "models.vqgan", "vqgan_config": "models.vqgan_config", "clip": "models.clip",
     "clip_pretrained": "models.clip_pretrained", "clip_config": "models.clip_config",
+    "rank_clip": "models.rank_clip",
     "output": "output.path", "video": "output.video", "save_every": "output.save_every",
     "overwrite": "output.overwrite",
     **{k: k for k in ("seed", "size", "candidates", "device", "precision", "tv_weight")},
@@ -203,6 +207,9 @@ def check_config(cfg: DictConfig) -> None:
         need(name in AUGMENTS, f"unknown augmentation {name!r}; available: {', '.join(AUGMENTS)}")
     need(cfg.prompts.init_weight >= 0, f"init_weight must be >= 0, got {cfg.prompts.init_weight}")
     need(cfg.tv_weight >= 0, f"tv_weight must be >= 0, got {cfg.tv_weight}")
+    rank = cfg.models.rank_clip
+    need(rank is None or (rank.count("/") >= 1 and all(rank.split("/", 1))),
+         f"rank_clip {rank!r} must be ARCH/TAG (e.g. ViT-B-16/openai) or ARCH/path/to/weights")
     need(cfg.output.save_every >= 1, f"save_every must be >= 1, got {cfg.output.save_every}")
     video = cfg.output.video
     need(video is None or Path(video).suffix.lower() in (".mp4", ".gif"),

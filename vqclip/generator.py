@@ -21,6 +21,8 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import functools
+import json
 import logging
 import math
 import os
@@ -51,7 +53,7 @@ from .prompts import (
 from .video import VideoWriter, choose_fps
 
 __all__ = ["GenerationError", "GenerationInterrupted", "GenerationResult", "Generator",
-           "check_outputs", "check_precision", "generate"]
+           "check_outputs", "check_precision", "generate", "ranking_path"]
 
 log = logging.getLogger(__name__)
 
@@ -80,8 +82,11 @@ class GenerationResult:
         losses: ``(steps_done, K)``, each candidate's loss at every step (before that step's update).
         seeds: candidate k's seed.
         config: the resolved config (seed and rounded size filled in).
-        timings: seconds for ``setup`` (prompts, init), ``steps``, ``per_step`` and ``total``.
-        files: what was written (PNGs, sidecars, video).
+        timings: seconds for ``setup`` (prompts, init), ``steps``, ``per_step``, ``rank`` (scoring
+            the results) and ``total``.
+        files: what was written (PNGs, sidecars, ranking, video).
+        scores: each candidate's CLIP score against the text prompt (see
+            :meth:`vqclip.scoring.Scorer.rank`), by ``ranked_by``; None without a text prompt.
     """
 
     images: list[Image.Image]
@@ -93,6 +98,15 @@ class GenerationResult:
     steps_done: int
     interrupted: bool = False
     files: list[Path] = field(default_factory=list)
+    scores: list[float] | None = None
+    ranked_by: str | None = None
+
+    @property
+    def order(self) -> list[int]:
+        """Candidate indices, best score first (in candidate order without scores)."""
+        if self.scores is None:
+            return list(range(len(self.images)))
+        return sorted(range(len(self.scores)), key=lambda k: -self.scores[k])
 
     def info(self, k: int = 0) -> dict[str, Any]:
         """Candidate k's record: prompt, seed, models and the full resolved config."""
@@ -100,15 +114,19 @@ class GenerationResult:
         return {"prompt": c.prompts.text, "seed": self.seeds[k], "candidate": k,
                 "vqgan": c.models.vqgan, "clip": f"{c.models.clip}/{c.models.clip_pretrained}",
                 "steps_done": self.steps_done, "interrupted": self.interrupted,
+                **({"clip_score": round(self.scores[k], 6), "rank": self.order.index(k) + 1,
+                    "ranked_by": self.ranked_by} if self.scores is not None else {}),
                 "vqclip_version": __version__, "config": OmegaConf.to_container(c)}
 
     def save(self, path: str | Path) -> list[Path]:
         """Write each candidate as a PNG with its record in text chunks, plus a ``.yaml`` sidecar.
 
-        Candidate k of K > 1 goes to ``<stem>-<k>.png``. Every file is written atomically.
+        Candidate k of K > 1 goes to ``<stem>-<k>.png``, and the ranking of the candidates to
+        ``<stem>-ranking.json`` (best first). Every file is written atomically.
         """
         written = []
-        for k, path_k in enumerate(candidate_paths(path, len(self.images))):
+        paths = candidate_paths(path, len(self.images))
+        for k, path_k in enumerate(paths):
             path_k.parent.mkdir(parents=True, exist_ok=True)
             info = self.info(k)
             text = {key: OmegaConf.to_yaml(value) if isinstance(value, dict) else str(value)
@@ -118,6 +136,16 @@ class GenerationResult:
             with atomic_path(sidecar) as tmp:
                 tmp.write_text(OmegaConf.to_yaml(info))
             written.append(sidecar)
+        if len(paths) > 1:
+            ranking = ranking_path(path)
+            records = [{"rank": r + 1, "candidate": k, "path": str(paths[k]), "seed": self.seeds[k],
+                        "score": None if self.scores is None else round(self.scores[k], 6)}
+                       for r, k in enumerate(self.order)]
+            with atomic_path(ranking) as tmp:
+                tmp.write_text(json.dumps({"prompt": self.config.prompts.text,
+                                           "ranked_by": self.ranked_by, "best": records[0]["path"],
+                                           "candidates": records}, indent=2) + "\n")
+            written.append(ranking)
         self.files.extend(written)
         return written
 
@@ -126,6 +154,12 @@ def candidate_paths(path: str | Path, k: int) -> list[Path]:
     """``path`` for one candidate; ``<stem>-0.png`` ... ``<stem>-(k-1).png`` for several."""
     path = Path(path)
     return [path] if k == 1 else [path.with_name(f"{path.stem}-{i}{path.suffix}") for i in range(k)]
+
+
+def ranking_path(path: str | Path) -> Path:
+    """Where the ranking of several candidates saved as ``path`` goes."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}-ranking.json")
 
 
 def make_optimizer(name: str, params: list[torch.Tensor], lr: float) -> torch.optim.Optimizer:
@@ -142,12 +176,27 @@ class Generator:
     Args:
         vqgan, clip: loaded models, on the same device.
         config: the defaults for :meth:`generate` (its ``models`` section must name these models).
+        rank_clip: another CLIP that ranks the results (``models.rank_clip``); default ``clip``.
     """
 
-    def __init__(self, vqgan, clip, config: DictConfig | None = None):
-        self.vqgan, self.clip = vqgan, clip
+    def __init__(self, vqgan, clip, config: DictConfig | None = None, rank_clip=None):
+        self.vqgan, self.clip, self.rank_clip = vqgan, clip, rank_clip
         self.config = config if config is not None else OmegaConf.structured(GenerateConfig)
         self.device = clip.device
+
+    @functools.cached_property
+    def scorer(self):
+        """A :class:`vqclip.scoring.Scorer` on this generator's own CLIP: no second load."""
+        from .scoring import Scorer
+
+        return Scorer(self.clip)
+
+    @functools.cached_property
+    def ranker(self):
+        """The Scorer that ranks results: on ``rank_clip`` if given, else :attr:`scorer`."""
+        from .scoring import Scorer
+
+        return self.scorer if self.rank_clip is None else Scorer(self.rank_clip, cache=False)
 
     @classmethod
     def load(cls, config: DictConfig | dict | None = None, *, preset: str | None = None,
@@ -169,12 +218,17 @@ class Generator:
         cfg = load_config(config, preset=preset, **kwargs)
         m = cfg.models
         device = resolve_device(cfg.device)
-        require([m.vqgan, f"{m.clip}/{m.clip_pretrained}"], allow_download=download)
+        require([m.vqgan, f"{m.clip}/{m.clip_pretrained}", *([m.rank_clip] if m.rank_clip else [])],
+                allow_download=download)
         vqgan = load_vqgan(m.vqgan, m.vqgan_config, device=device, download=download)
         clip = load_clip(m.clip, m.clip_pretrained, device=device, download=download,
                          config=m.clip_config)
+        rank_clip = None
+        if m.rank_clip and m.rank_clip != f"{m.clip}/{m.clip_pretrained}":
+            arch, tag = m.rank_clip.split("/", 1)
+            rank_clip = load_clip(arch, tag, device=device, download=download)
         cfg.device = str(device)
-        return cls(vqgan, clip, cfg)
+        return cls(vqgan, clip, cfg, rank_clip)
 
     def generate(self, prompt: str | None = None, *, config: DictConfig | dict | None = None,
                  callback: Callback | None = None, progress: bool = False,
@@ -229,12 +283,18 @@ class Generator:
             final, losses, interrupted = self._loop(cfg, z, cutouts, streams, targets, video,
                                                     callback, progress)
         t2 = time.perf_counter()
+        scores = None
+        if cfg.prompts.text.strip():  # image and noise prompts have no text to rank by
+            ranked = self.ranker.rank(final, cfg.prompts.text)
+            scores = [m.score for m in sorted(ranked, key=lambda m: m.index)]
+        t3 = time.perf_counter()
 
         result = GenerationResult(
             images=[to_pil(im) for im in final], tensor=final.cpu(),
             losses=torch.stack(losses) if losses else torch.empty(0, K), seeds=seeds, config=cfg,
             timings={"setup": t1 - t0, "steps": t2 - t1, "per_step": (t2 - t1) / max(1, len(losses)),
-                     "total": t2 - t0}, steps_done=len(losses), interrupted=interrupted)
+                     "rank": t3 - t2, "total": t3 - t0}, steps_done=len(losses), interrupted=interrupted,
+            scores=scores, ranked_by=self.ranker.clip.name if scores is not None else None)
         if video is not None and video.count:
             result.files.append(video.path)
         if cfg.output.path:
@@ -378,6 +438,8 @@ def check_outputs(cfg: DictConfig) -> list[Path]:
     """
     paths = candidate_paths(cfg.output.path, cfg.candidates) if cfg.output.path else []
     planned = [*paths, *(p.with_suffix(".yaml") for p in paths)]
+    if len(paths) > 1:
+        planned.append(ranking_path(cfg.output.path))
     if cfg.output.video:
         planned.append(Path(cfg.output.video))
     for p in planned:

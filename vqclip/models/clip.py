@@ -41,6 +41,9 @@ class CLIP:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     name: str
+    # what the weights are, for caches of embeddings: the registry name, or a file's path, size and
+    # modification time; None for random weights, whose embeddings are never worth keeping
+    source: str | None = None
 
     @property
     def device(self) -> torch.device:
@@ -126,7 +129,7 @@ def load_clip(arch: str, pretrained: str | Path | None = None, *, device: str | 
         raise ValueError(f"unknown CLIP architecture {arch!r}; available: "
                          f"{', '.join(sorted(open_clip.list_models()))}")
 
-    weights, quick_gelu, name, preprocess = None, False, arch, {}
+    weights, quick_gelu, name, preprocess, source = None, False, arch, {}, None
     if pretrained is not None:
         path = Path(pretrained)
         tag = f"{arch}/{pretrained}"
@@ -135,8 +138,10 @@ def load_clip(arch: str, pretrained: str | Path | None = None, *, device: str | 
             if not path.is_file():
                 raise FileNotFoundError(f"CLIP weights not found: {path}")
             weights, name = path, f"{arch}/{path.name}"
+            st = path.stat()
+            source = f"{arch}:{path.resolve()}:{st.st_size}:{st.st_mtime_ns}"
         else:
-            name = tag
+            name = source = tag
             if name not in registry.CLIP_MODELS:
                 raise ValueError(_unknown_tag_message(arch, str(pretrained)))
             entry = registry.CLIP_MODELS[name]
@@ -171,7 +176,7 @@ def load_clip(arch: str, pretrained: str | Path | None = None, *, device: str | 
             raise ValueError(f"CLIP {arch}: non-square input {size} is not supported")
         size = size[0]
     return CLIP(model=model, tokenizer=open_clip.get_tokenizer(arch), input_size=int(size),
-                mean=tuple(pp["mean"]), std=tuple(pp["std"]), name=name)
+                mean=tuple(pp["mean"]), std=tuple(pp["std"]), name=name, source=source)
 
 
 @contextlib.contextmanager

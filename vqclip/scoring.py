@@ -1,0 +1,401 @@
+"""Zero-shot scoring with the CLIP that guides generation: classify, rank, search and describe.
+
+A :class:`Scorer` wraps a loaded :class:`vqclip.models.clip.CLIP`. Built from a Generator's CLIP
+(``Scorer(gen.clip)`` or ``gen.scorer``), one load serves both. Images are prepared with
+open_clip's own evaluation transform for the model (resize, centre crop, normalize) and encoded
+in batches without gradients.
+
+Scores:
+    rank and search: the cosine similarity of image and prompt. A weighted prompt
+    (``"a red circle:1|a square:-0.5"``, the syntax of generate) scores
+    ``sum(w * cos) / sum(|w|)``; stops are ignored.
+    classify and describe: CLIP's softmax over the labels, ``softmax(logit_scale * cos)``, where
+    each label's text embedding is the mean over the prompt templates (the CLIP paper's ensemble).
+
+Image files met by search (and by rank/classify when given paths) go through an on-disk cache of
+embeddings per model, keyed by the file's content hash (see :class:`EmbeddingCache`).
+
+Shape:
+    ``encode_images``: N images -> ``(M, D)`` unit vectors for the M that could be read.
+    ``encode_texts``: T texts -> ``(T, D)`` unit vectors.
+
+Example:
+    >>> scorer = Scorer.load(preset="shapes")  # doctest: +SKIP
+    >>> scorer.classify(["x.png"], ["red circle", "blue square"])[0].top
+    'red circle'
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+import sqlite3
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageOps
+from tqdm.auto import tqdm
+
+from .images import to_pil
+from .pretrained import get_cache_dir, sha256sum
+from .prompts import parse_text_prompts
+
+__all__ = ["Classification", "EmbeddingCache", "IMAGE_SUFFIXES", "Match", "Scorer", "image_files"]
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+ImageLike = Union[str, Path, Image.Image, torch.Tensor]
+
+
+@dataclass
+class Match:
+    """One image's score; ``index`` is its position among the inputs (or in the folder listing)."""
+
+    index: int
+    score: float
+    path: str | None = None
+
+
+@dataclass
+class Classification:
+    """One image's probabilities over the labels, and the most likely label."""
+
+    index: int
+    top: str
+    probs: dict[str, float]
+    path: str | None = None
+
+
+class Scorer:
+    """Zero-shot scoring on a loaded CLIP.
+
+    Args:
+        clip: a :class:`vqclip.models.clip.CLIP`, e.g. a Generator's ``clip``.
+        batch_size: images per forward pass.
+        cache: keep image-file embeddings on disk (only for models with known weights).
+        cache_dir: the root of the cache (default: the download cache); embeddings go under
+            ``embeddings/``.
+        workers: threads that decode image files.
+    """
+
+    def __init__(self, clip, *, batch_size: int = 64, cache: bool = True,
+                 cache_dir: str | Path | None = None, workers: int = 2):
+        import open_clip
+
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.clip, self.batch_size, self.workers = clip, batch_size, max(1, workers)
+        pp = open_clip.get_model_preprocess_cfg(clip.model)
+        self.transform = open_clip.image_transform(
+            clip.input_size, is_train=False, mean=clip.mean, std=clip.std,
+            resize_mode=pp.get("resize_mode"), interpolation=pp.get("interpolation"))
+        self._cache_dir, self._cache = cache_dir, None
+        self.use_cache = cache and clip.source is not None
+
+    @property
+    def cache(self) -> "EmbeddingCache | None":
+        """The on-disk cache of image-file embeddings, opened on first use; None if off."""
+        if self._cache is None and self.use_cache:
+            self._cache = EmbeddingCache.for_model(self.clip.source, self.clip.name, self._cache_dir)
+        return self._cache
+
+    @classmethod
+    def load(cls, config=None, *, preset: str | None = None, device: str = "auto",
+             download: bool = True, overrides: Sequence[str] = (), cache: bool = True,
+             cache_dir: str | Path | None = None, batch_size: int = 64, **models: Any) -> "Scorer":
+        """Load only the CLIP that a generation config names (``preset="imagenet"`` by default).
+
+        Args:
+            models: ``clip``, ``clip_pretrained``, ``clip_config`` over the preset's.
+        """
+        from .config import load_config
+        from .device import resolve_device
+        from .models.clip import load_clip
+        from .pretrained import CLIP_MODELS, require
+
+        unknown = sorted(set(models) - {"clip", "clip_pretrained", "clip_config"})
+        if unknown:
+            raise ValueError(f"unknown setting {unknown[0]!r} for a Scorer; known: clip, "
+                             "clip_pretrained, clip_config")
+        m = load_config(config, preset=preset, overrides=overrides, **models).models
+        name = f"{m.clip}/{m.clip_pretrained}"
+        if name in CLIP_MODELS:
+            require([name], allow_download=download)
+        clip = load_clip(m.clip, m.clip_pretrained, device=resolve_device(device),
+                         download=download, config=m.clip_config)
+        return cls(clip, cache=cache, cache_dir=cache_dir, batch_size=batch_size)
+
+    # ---------------------------------------------------------------------------------- encoders
+
+    @torch.no_grad()
+    def encode_texts(self, texts: Sequence[str]) -> torch.Tensor:
+        """``(T, D)`` unit text embeddings."""
+        return F.normalize(self.clip.encode_text(list(texts)), dim=-1)
+
+    def encode_images(self, images: Iterable[ImageLike] | torch.Tensor, progress: bool = False
+                      ) -> tuple[torch.Tensor, list[int]]:
+        """Embed images: paths, PIL images, or tensors ``(3, H, W)``/``(N, 3, H, W)`` in [0, 1].
+
+        Files that cannot be read are skipped with a warning.
+
+        Returns:
+            ``(M, D)`` unit embeddings on the CPU, and the input index of each of the M rows.
+        """
+        items = _as_items(images)
+        embeds: dict[int, torch.Tensor] = {}
+        todo: list[tuple[int, ImageLike, str | None]] = []  # (index, image, content hash)
+        paths = {i: Path(x) for i, x in enumerate(items) if isinstance(x, (str, Path))}
+        cache = self.cache if paths else None  # only files are cached
+        hashes = cache.hashes(paths.values()) if cache else {}
+        cached = cache.get(set(hashes.values())) if cache else {}
+        for i, item in enumerate(items):
+            key = hashes.get(paths[i]) if i in paths else None
+            if key is not None and key in cached:
+                embeds[i] = cached[key]
+            elif i not in paths or cache is None or key is not None:
+                todo.append((i, item, key))
+            # else: a path the cache could not read (warned about already)
+        with tqdm(total=len(todo), disable=not progress or not todo, desc="encode", unit="img",
+                  leave=False) as bar, ThreadPoolExecutor(self.workers) as pool:
+            for start in range(0, len(todo), self.batch_size):
+                chunk = todo[start:start + self.batch_size]
+                pixels = list(pool.map(self._prepare, [item for _, item, _ in chunk]))
+                ok = [(i, key, p) for (i, _, key), p in zip(chunk, pixels, strict=True) if p is not None]
+                if ok:
+                    with torch.no_grad():
+                        x = torch.stack([p for _, _, p in ok]).to(self.clip.device)
+                        out = F.normalize(self.clip.model.encode_image(x).float(), dim=-1).cpu()
+                    embeds.update({i: e for (i, _, _), e in zip(ok, out, strict=True)})
+                    if cache:  # batch by batch: an interrupted run keeps what it encoded
+                        cache.put({key: e for (_, key, _), e in zip(ok, out, strict=True) if key})
+                bar.update(len(chunk))
+        kept = sorted(embeds)
+        dim = self.clip.model.visual.output_dim
+        return (torch.stack([embeds[i] for i in kept]) if kept else torch.empty(0, dim)), kept
+
+    def _prepare(self, item: ImageLike) -> torch.Tensor | None:
+        """One image as CLIP's input ``(3, S, S)``, normalized; None (and a warning) if unreadable."""
+        if isinstance(item, torch.Tensor):
+            return self.transform(to_pil(item))
+        if isinstance(item, Image.Image):
+            return self.transform(item.convert("RGB"))
+        try:
+            with Image.open(item) as im:
+                im.draft("RGB", (self.clip.input_size, self.clip.input_size))  # JPEG: decode smaller
+                return self.transform(ImageOps.exif_transpose(im).convert("RGB"))
+        except (OSError, ValueError, Image.DecompressionBombError) as e:
+            log.warning("skipped %s: not a readable image (%s)", item, e)
+            return None
+
+    # ---------------------------------------------------------------------------------- scoring
+
+    @torch.no_grad()
+    def prompt_embedding(self, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Unit embeddings ``(P, D)`` of a weighted prompt's parts, and weights ``(P,)`` that sum
+        to 1 in absolute value."""
+        parts = parse_text_prompts(prompt)
+        if not parts:
+            raise ValueError("empty prompt: give text to score against")
+        weights = torch.tensor([p.weight for p in parts])
+        return self.encode_texts([p.value for p in parts]).cpu(), weights / weights.abs().sum()
+
+    def rank(self, images: Iterable[ImageLike] | torch.Tensor, prompt: str,
+             progress: bool = False) -> list[Match]:
+        """Score images against a prompt (weighted syntax allowed), best first."""
+        texts, weights = self.prompt_embedding(prompt)
+        items = _as_items(images)
+        embeds, kept = self.encode_images(items, progress)
+        scores = (embeds @ texts.T) @ weights  # (M,)
+        order = scores.argsort(descending=True, stable=True).tolist()
+        return [Match(kept[j], scores[j].item(), _path(items[kept[j]])) for j in order]
+
+    def search(self, folder: str | Path, query: str, top_k: int | None = 10,
+               progress: bool = False) -> list[Match]:
+        """The ``top_k`` images under ``folder`` (recursive) that best match ``query``."""
+        if top_k is not None and top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {top_k}")
+        files = image_files(folder)
+        return self.rank(files, query, progress)[:top_k]
+
+    @torch.no_grad()
+    def label_embeddings(self, labels: Sequence[str], templates: Sequence[str] | None = None
+                         ) -> torch.Tensor:
+        """``(L, D)`` unit embeddings, each the normalized mean over the templates (``"{}"``)."""
+        labels, templates = _check_labels(labels), _check_templates(templates)
+        texts = [t.replace("{}", label) for label in labels for t in templates]
+        embeds = self.encode_texts(texts).view(len(labels), len(templates), -1).mean(1)
+        return F.normalize(embeds, dim=-1).cpu()
+
+    def probabilities(self, image_embeds: torch.Tensor, label_embeds: torch.Tensor) -> torch.Tensor:
+        """CLIP's softmax over labels: ``(M, D), (L, D) -> (M, L)``."""
+        scale = self.clip.model.logit_scale.detach().exp().clamp(max=100).cpu().float()
+        return (scale * image_embeds @ label_embeds.T).softmax(-1)
+
+    def classify(self, images: Iterable[ImageLike] | torch.Tensor, labels: Sequence[str],
+                 templates: Sequence[str] | None = None, progress: bool = False
+                 ) -> list[Classification]:
+        """Zero-shot classification: each image's probabilities over ``labels``.
+
+        Args:
+            templates: prompt templates with ``{}`` for the label, e.g. ``["a photo of a {}."]``;
+                their embeddings are averaged per label. Default: the label itself.
+        """
+        labels = _check_labels(labels)
+        label_embeds = self.label_embeddings(labels, templates)
+        items = _as_items(images)
+        embeds, kept = self.encode_images(items, progress)
+        probs = self.probabilities(embeds, label_embeds)
+        return [Classification(i, labels[int(p.argmax())], dict(zip(labels, p.tolist(), strict=True)),
+                               _path(items[i])) for i, p in zip(kept, probs, strict=True)]
+
+    def describe(self, image: ImageLike, texts: Sequence[str], top_k: int | None = 5
+                 ) -> list[tuple[str, float]]:
+        """Image to text: the candidate ``texts`` that best describe ``image``, with their
+        probabilities, best first."""
+        result = self.classify([image], texts)
+        if not result:
+            raise ValueError(f"cannot read image {image}")
+        return sorted(result[0].probs.items(), key=lambda kv: -kv[1])[:top_k]
+
+
+# ------------------------------------------------------------------------------------ the cache
+
+
+class EmbeddingCache:
+    """Image embeddings of one model on disk (SQLite), keyed by the sha256 of each file's bytes.
+
+    A file's hash is kept with its size and modification time, so an unchanged file is not read
+    again; a changed one is hashed anew and encoded if its content is new. A moved or copied file
+    keeps its embedding.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self._db = self._open()
+        except sqlite3.DatabaseError as e:  # a damaged cache is rebuilt, never fatal
+            log.warning("embedding cache %s is damaged (%s); starting a new one", self.path, e)
+            self.path.unlink(missing_ok=True)
+            self._db = self._open()
+
+    def _open(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, timeout=30, check_same_thread=False)
+        db.execute("CREATE TABLE IF NOT EXISTS files (path TEXT PRIMARY KEY, size INTEGER, "
+                   "mtime_ns INTEGER, sha256 TEXT)")
+        db.execute("CREATE TABLE IF NOT EXISTS embeds (sha256 TEXT PRIMARY KEY, vector BLOB)")
+        db.commit()
+        return db
+
+    @classmethod
+    def for_model(cls, source: str, name: str, cache_dir: str | Path | None = None
+                  ) -> "EmbeddingCache":
+        """The cache file of the model whose weights ``source`` describes."""
+        slug = re.sub(r"[^A-Za-z0-9._-]+", "-", name)[:60]
+        digest = hashlib.sha256(source.encode()).hexdigest()[:12]
+        return cls(get_cache_dir(cache_dir) / "embeddings" / f"{slug}-{digest}.sqlite")
+
+    def hashes(self, paths: Iterable[Path]) -> dict[Path, str]:
+        """Content hashes of the readable files among ``paths`` (others: a warning each)."""
+        found, changed = {}, []
+        for path in paths:
+            try:
+                st = path.stat()
+                row = self._db.execute("SELECT size, mtime_ns, sha256 FROM files WHERE path = ?",
+                                       (str(path.resolve()),)).fetchone()
+                if row is not None and row[:2] == (st.st_size, st.st_mtime_ns):
+                    found[path] = row[2]
+                    continue
+                found[path] = sha256sum(path)
+            except OSError as e:
+                log.warning("skipped %s: %s", path, e.strerror or e)
+                continue
+            changed.append((str(path.resolve()), st.st_size, st.st_mtime_ns, found[path]))
+        with self._db:
+            self._db.executemany("INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?)", changed)
+        return found
+
+    def get(self, keys: set[str]) -> dict[str, torch.Tensor]:
+        """The stored embeddings among ``keys``."""
+        keys, out = sorted(keys), {}
+        for start in range(0, len(keys), 500):  # SQLite limits the number of parameters
+            chunk = keys[start:start + 500]
+            rows = self._db.execute(f"SELECT sha256, vector FROM embeds WHERE sha256 IN "
+                                    f"({','.join('?' * len(chunk))})", chunk)
+            out.update({k: torch.frombuffer(bytearray(v), dtype=torch.float32) for k, v in rows})
+        return out
+
+    def put(self, embeds: dict[str, torch.Tensor]) -> None:
+        with self._db:
+            self._db.executemany("INSERT OR REPLACE INTO embeds VALUES (?, ?)",
+                                 [(k, v.float().contiguous().numpy().tobytes())
+                                  for k, v in embeds.items()])
+
+
+# ------------------------------------------------------------------------------------ helpers
+
+
+def image_files(folder: str | Path) -> list[Path]:
+    """Image files under ``folder``, recursively and sorted; hidden files and folders are left out.
+
+    Raises:
+        FileNotFoundError, NotADirectoryError: no such folder. ValueError: no images in it.
+    """
+    folder = Path(folder)
+    if not folder.exists():
+        raise FileNotFoundError(f"folder not found: {folder}")
+    if not folder.is_dir():
+        raise NotADirectoryError(f"{folder} is not a folder")
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+                   and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+    if not files:
+        raise ValueError(f"no images in {folder} (looked for {', '.join(IMAGE_SUFFIXES)})")
+    return files
+
+
+def _as_items(images: Iterable[ImageLike] | torch.Tensor) -> list[ImageLike]:
+    if isinstance(images, torch.Tensor):
+        if images.ndim == 3:
+            images = images[None]
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"image tensors must be (3, H, W) or (N, 3, H, W), got "
+                             f"{tuple(images.shape)}")
+        return list(images)
+    if isinstance(images, (str, Path, Image.Image)):
+        return [images]
+    items = list(images)
+    if not items:
+        raise ValueError("no images given")
+    return items
+
+
+def _path(item: ImageLike) -> str | None:
+    return str(item) if isinstance(item, (str, Path)) else None
+
+
+def _check_labels(labels: Sequence[str]) -> list[str]:
+    if isinstance(labels, str):
+        raise ValueError("labels must be a list of strings, not one string")
+    labels = [str(label).strip() for label in labels]
+    if len(labels) < 2 or not all(labels):
+        raise ValueError(f"give at least two non-empty labels, got {labels}")
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"labels repeat: {labels}")
+    return labels
+
+
+def _check_templates(templates: Sequence[str] | None) -> list[str]:
+    if templates is None:
+        return ["{}"]
+    if isinstance(templates, str):
+        templates = [templates]
+    bad = [t for t in templates if "{}" not in t]
+    if not templates or bad:
+        raise ValueError(f"each template needs {{}} where the label goes, got {bad or templates!r}")
+    return list(templates)
