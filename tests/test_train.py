@@ -83,3 +83,27 @@ def test_train_command_refuses_wrong_files_in_one_line(tmp_path, capsys):
                      str(vqgan)]) == 2
         err = capsys.readouterr().err
         assert message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_attack_stays_within_eps_and_raises_the_loss():
+    from vqclip.train import _attack
+
+    torch.manual_seed(0)
+    w = torch.randn(3 * 8 * 8)
+    images = torch.rand(4, 3, 8, 8) * 0.8 + 0.1  # away from 0 and 1, so clamping takes nothing
+
+    def loss(x):
+        return (x.flatten(1) @ w).sum()
+
+    attacked = _attack(loss, images, eps=0.05, steps=3)
+    assert (attacked - images).abs().max() <= 0.05 + 1e-6
+    assert loss(attacked) > loss(images) + 0.5 * 0.05 * w.abs().sum() * 4  # most of the way there
+
+
+def test_adversarial_clip_training_runs_from_the_command_line(tmp_path, capsys):
+    from vqclip.cli import main
+
+    out, log = tmp_path / "c.safetensors", tmp_path / "c.jsonl"
+    assert main(["-q", "train", "shapes-clip", "--steps", "2", "--batch-size", "8", "--clutter", "4",
+                 "--adversarial", "0.03", "--out", str(out), "--threads", "1", "--log", str(log)]) == 0
+    assert out.is_file() and len(_losses(log)) == 1

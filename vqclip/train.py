@@ -170,7 +170,8 @@ def train_clip(out: str | Path, steps: int = 4000, batch_size: int = 128, lr: fl
                negatives: Callable[[int], torch.Tensor] | None = None,
                init: str | Path | None = None, log_file: str | Path | None = None,
                log_every: int = 50, augments: tuple[str, ...] = ("affine", "noise"),
-               clutter: int = 48, bf16: bool = True) -> Path:
+               clutter: int = 48, bf16: bool = True, adversarial: float = 0.0,
+               attack_steps: int = 3) -> Path:
     """Train the tiny CLIP contrastively on augmented renders and their captions.
 
     Args:
@@ -181,6 +182,10 @@ def train_clip(out: str | Path, steps: int = 4000, batch_size: int = 128, lr: fl
         clutter: how many procedural clutter images (:func:`vqclip.shapes.clutter`) join each
             batch as negatives: ragged blobs, textures, scattered pieces and almost-shapes.
         bf16: run the forward pass under bf16 autocast (faster on CPUs with AVX-512 BF16).
+        adversarial: if > 0, train on PGD perturbations of the images of at most this L-inf size
+            (in [0, 1] pixels, ``attack_steps`` steps), so that the image tower is robust and its
+            gradients point at shapes rather than at imperceptible patterns (Madry et al. 2018;
+            Santurkar et al. 2019, "Image synthesis with a single robust classifier").
     """
     import open_clip
 
@@ -200,6 +205,11 @@ def train_clip(out: str | Path, steps: int = 4000, batch_size: int = 128, lr: fl
     tokenizer = open_clip.get_tokenizer(SHAPES_CLIP_ARCH)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1, betas=(0.9, 0.98))
     sched = _schedule(opt, steps)
+    def encode_image(x: torch.Tensor) -> torch.Tensor:  # (B, 3, 64, 64) in [0, 1] -> (B, D) unit
+        with _autocast(bf16):
+            x = model.encode_image((x - mean[:, None, None]) / std[:, None, None])
+        return F.normalize(x.float(), dim=-1)
+
     bar = tqdm(range(steps), disable=not progress, desc="shapes-clip", unit="step")
     for step in bar:
         images, texts = _clip_batch(step * batch_size, batch_size, rng)
@@ -207,18 +217,17 @@ def train_clip(out: str | Path, steps: int = 4000, batch_size: int = 128, lr: fl
         if negatives is not None:
             extra.append(negatives(step))
         images = augs(torch.cat([images, *extra])).clamp(0, 1)  # negatives look augmented too
-        with _autocast(bf16):
-            img = model.encode_image((images - mean[:, None, None]) / std[:, None, None])
-            txt = model.encode_text(tokenizer(texts))
-        img, txt = F.normalize(img.float(), dim=-1), F.normalize(txt.float(), dim=-1)
-        logits = model.logit_scale.exp() * txt @ img.T  # (n texts, n images incl. negatives)
         # captions repeat within a batch ("a red circle"): all images with that caption are right
         same = torch.tensor([[a == b for b in texts] for a in texts], dtype=torch.float32)
-        target_t = F.pad(same, (0, img.shape[0] - len(texts)))
-        loss_t = torch.sum(-target_t / target_t.sum(1, keepdim=True) * logits.log_softmax(1), 1).mean()
-        logits_i = logits[:, :len(texts)].T
-        loss_i = torch.sum(-same / same.sum(1, keepdim=True) * logits_i.log_softmax(1), 1).mean()
-        loss = (loss_t + loss_i) / 2
+
+        with _autocast(bf16):
+            txt = F.normalize(model.encode_text(tokenizer(texts)).float(), dim=-1)
+        scale = model.logit_scale.exp()
+        if adversarial:
+            fixed = (scale * txt).detach()
+            images = _attack(lambda x, f=fixed, s=same: _contrastive(f @ encode_image(x).T, s), images,
+                             adversarial, attack_steps)
+        loss = _contrastive(scale * txt @ encode_image(images).T, same)  # (n texts, n images)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -231,6 +240,27 @@ def train_clip(out: str | Path, steps: int = 4000, batch_size: int = 128, lr: fl
         if (step + 1) % save_every == 0 or step + 1 == steps:
             _save(model.state_dict(), out, {"vqclip.clip_arch": SHAPES_CLIP_ARCH})
     return out
+
+
+def _contrastive(logits: torch.Tensor, same: torch.Tensor) -> torch.Tensor:
+    """Symmetric InfoNCE over ``logits`` (n texts, n images + negatives), where ``same[i, j]`` says
+    that text i describes image j; the extra images (negatives) match no text."""
+    n = len(same)
+    target_t = F.pad(same, (0, logits.shape[1] - n))
+    loss_t = torch.sum(-target_t / target_t.sum(1, keepdim=True) * logits.log_softmax(1), 1).mean()
+    loss_i = torch.sum(-same / same.sum(1, keepdim=True) * logits[:, :n].T.log_softmax(1), 1).mean()
+    return (loss_t + loss_i) / 2
+
+
+def _attack(loss_fn: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, eps: float,
+            steps: int) -> torch.Tensor:
+    """L-inf PGD from a random start: the images within ``eps`` that maximize ``loss_fn``."""
+    delta = torch.empty_like(images).uniform_(-eps, eps)
+    for _ in range(steps):
+        delta.requires_grad_()
+        grad, = torch.autograd.grad(loss_fn((images + delta).clamp(0, 1)), delta)
+        delta = (delta.detach() + 2.5 * eps / steps * grad.sign()).clamp(-eps, eps)
+    return (images + delta).clamp(0, 1).detach()
 
 
 @torch.no_grad()
