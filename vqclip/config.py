@@ -209,7 +209,8 @@ def check_config(cfg: DictConfig) -> None:
     need(cfg.tv_weight >= 0, f"tv_weight must be >= 0, got {cfg.tv_weight}")
     rank = cfg.models.rank_clip
     need(rank is None or (rank.count("/") >= 1 and all(rank.split("/", 1))),
-         f"rank_clip {rank!r} must be ARCH/TAG (e.g. ViT-B-16/laion2b_s34b_b88k) or ARCH/path/to/weights")
+         f"rank_clip {rank!r} must be ARCH/TAG (e.g. ViT-B-16/laion2b_s34b_b88k) or "
+         "ARCH/path/to/weights")
     need(cfg.output.save_every >= 1, f"save_every must be >= 1, got {cfg.output.save_every}")
     video = cfg.output.video
     need(video is None or Path(video).suffix.lower() in (".mp4", ".gif"),
