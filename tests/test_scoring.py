@@ -144,6 +144,8 @@ def test_search_finds_the_file_and_hits_the_cache_the_second_time(renders, tmp_p
     (folder / paths[0].name).write_bytes(paths[3].read_bytes())
     again = second.search(folder, f"a {truth[3]}", top_k=2)
     assert count.images == 0  # same bytes as a file already cached: found by content hash
+    assert {m.path for m in again} == {str(folder / paths[0].name), hits[0].path}
+    assert again[0].score == pytest.approx(again[1].score, abs=1e-6)
     (folder / paths[0].name).write_bytes(paths[10].read_bytes())
     again = second.search(folder, f"a {truth[10]}", top_k=1)
     assert count.images == 1 and again[0].path == str(folder / paths[0].name)
@@ -195,9 +197,10 @@ def test_candidates_are_ranked_saved_with_scores_and_the_best_marked(tiny_genera
     out = tmp_path / "c.png"
     result = tiny_generator.generate("a red circle|blurry:-0.5", steps=2, seed=3, candidates=3,
                                      size=[32, 32], cutn=2, output=str(out))
-    expected = {m.index: m.score for m in tiny_generator.scorer.rank(result.tensor,
-                                                                     "a red circle|blurry:-0.5")}
-    assert result.scores == pytest.approx([expected[k] for k in range(3)])
+    images, _ = tiny_generator.scorer.encode_images(result.tensor)
+    texts = tiny_generator.scorer.encode_texts(["a red circle", "blurry"]).cpu()
+    expected = (images @ texts[0] - 0.5 * images @ texts[1]) / 1.5
+    assert result.scores == pytest.approx(expected.tolist(), abs=1e-5)
     ranking = json.loads((tmp_path / "c-ranking.json").read_text())
     assert ranking["prompt"] == "a red circle|blurry:-0.5"
     assert ranking["ranked_by"] == tiny_generator.clip.name
@@ -273,3 +276,94 @@ def test_unreadable_images_only_exit_1(tmp_path, capsys, caplog):
                              "--json")
     assert code == 1 and json.loads(out) == [] and "none of the images could be read" in err
     assert "bad.jpg" in caplog.text
+
+
+def test_an_edit_that_keeps_size_and_mtime_is_still_seen(renders, tmp_path, monkeypatch):
+    import os
+
+    from PIL import Image
+
+    *_, truth, x = renders
+    folder = tmp_path / "bmp"
+    folder.mkdir()
+    image = folder / "a.bmp"  # BMP: the same size in bytes whatever the picture
+    to_pil(x[0]).save(image)
+    scorer = Scorer.load(preset="shapes", download=False, cache_dir=tmp_path / "cache")
+    count = CountingEncoder(scorer, monkeypatch)
+    before = scorer.search(folder, "a red circle")[0].score
+    st = image.stat()
+    to_pil(x[1]).save(image)
+    os.utime(image, ns=(st.st_atime_ns, st.st_mtime_ns))  # as cp -p or exiftool -P would
+    assert image.stat().st_size == st.st_size and image.stat().st_mtime_ns == st.st_mtime_ns
+    after = scorer.search(folder, "a red circle")[0].score
+    assert count.images == 2 and after != pytest.approx(before, abs=1e-6)
+    assert Image.open(image).size == (64, 64)
+
+
+def test_skipped_files_keep_the_others_in_their_places(renders, tmp_path, shapes_scorer):
+    _, paths, truth, _ = renders
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"no")
+    matches = shapes_scorer.rank([paths[0], bad, paths[2]], f"a {truth[2]}")
+    assert [(m.index, m.path) for m in matches] == [(2, str(paths[2])), (0, str(paths[0]))]
+    classes = shapes_scorer.classify([bad, paths[4]], LABELS, ["a {}"])
+    assert [(c.index, c.path, c.top) for c in classes] == [(1, str(paths[4]), truth[4])]
+
+
+def test_exif_rotation_16_bit_and_transparency_are_read_as_seen(renders, tmp_path, shapes_scorer):
+    import numpy as np
+    from PIL import Image
+
+    *_, x = renders
+    upright = to_pil(x[0])
+    rotated = tmp_path / "rotated.jpg"  # stored upside down, with orientation 3 to undo it
+    exif = Image.Exif()
+    exif[0x0112] = 3
+    upright.rotate(180).save(rotated, quality=95, exif=exif)
+    upright.save(tmp_path / "upright.jpg", quality=95)
+    a, _ = shapes_scorer.encode_images([rotated, tmp_path / "upright.jpg"])
+    assert (a[0] @ a[1]).item() > 0.99
+
+    grey = np.asarray(upright.convert("L"), dtype=np.uint16) * 257  # the same picture in 16 bits
+    Image.fromarray(grey).save(tmp_path / "grey16.png")
+    upright.convert("L").save(tmp_path / "grey8.png")
+    b, _ = shapes_scorer.encode_images([tmp_path / "grey16.png", tmp_path / "grey8.png"])
+    assert (b[0] @ b[1]).item() > 0.999
+
+    rgba = upright.convert("RGBA")
+    rgba.putalpha(0)  # all transparent, with the picture still in the colour channels
+    Image.new("RGB", upright.size, "white").save(tmp_path / "white.png")
+    c, _ = shapes_scorer.encode_images([rgba, tmp_path / "white.png"])
+    assert (c[0] @ c[1]).item() > 0.999
+
+
+def test_integer_tensors_are_refused(shapes_scorer):
+    with pytest.raises(ValueError, match="float"):
+        shapes_scorer.encode_images(torch.zeros(1, 3, 8, 8, dtype=torch.uint8))
+
+
+def test_a_cache_that_cannot_be_opened_is_skipped_with_a_warning(renders, tmp_path, caplog):
+    _, paths, truth, _ = renders
+    blocked = tmp_path / "file-not-folder"
+    blocked.write_text("the cache folder cannot be made here")
+    scorer = Scorer.load(preset="shapes", download=False, cache_dir=blocked)
+    with caplog.at_level(logging.WARNING, logger="vqclip"):
+        matches = scorer.rank(paths[:3], f"a {truth[1]}")
+    assert matches[0].index == 1 and "cache" in caplog.text and "off for this run" in caplog.text
+
+
+def test_ctrl_c_while_ranking_keeps_the_candidates_unranked(tiny_generator, tmp_path, monkeypatch):
+    from vqclip.generator import GenerationInterrupted
+
+    def stop(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tiny_generator.ranker, "rank", stop)
+    with pytest.raises(GenerationInterrupted) as info:
+        tiny_generator.generate("a cat", steps=2, seed=0, candidates=2, size=[32, 32], cutn=2,
+                                output=str(tmp_path / "k.png"))
+    result = info.value.result
+    assert result.scores is None and result.interrupted and result.steps_done == 2
+    ranking = json.loads((tmp_path / "k-ranking.json").read_text())
+    assert ranking["best"] is None and [r["score"] for r in ranking["candidates"]] == [None, None]
+    assert read_png_text(tmp_path / "k-1.png")["interrupted"] == "True"

@@ -212,9 +212,13 @@ def _print_matches(matches) -> None:
 
 
 def cmd_classify(args: argparse.Namespace) -> int:
-    labels = [label.strip() for label in args.labels.split(",")]
-    scorer = _scorer(args)
-    results = scorer.classify(args.images, labels, args.templates, progress=not args.quiet)
+    from .scoring import check_labels, check_templates
+
+    labels = check_labels(args.labels.split(","))  # before the model loads, not after
+    check_templates(args.templates)
+    if args.show < 1:
+        raise ValueError(f"--show must be >= 1, got {args.show}")
+    results = _scorer(args).classify(args.images, labels, args.templates, progress=not args.quiet)
     if args.json:
         _print_json([{"path": r.path, "top": r.top, "probs": r.probs} for r in results])
         return _none_readable(results)
@@ -226,6 +230,9 @@ def cmd_classify(args: argparse.Namespace) -> int:
 
 
 def cmd_rank(args: argparse.Namespace) -> int:
+    from .scoring import check_prompt
+
+    check_prompt(args.prompt)
     matches = _scorer(args).rank(args.images, args.prompt, progress=not args.quiet)
     if args.json:
         _print_json([{"path": m.path, "score": m.score} for m in matches])
@@ -235,9 +242,13 @@ def cmd_rank(args: argparse.Namespace) -> int:
 
 
 def cmd_search(args: argparse.Namespace) -> int:
+    from .scoring import check_prompt, image_files
+
     if args.top < 1:
         raise ValueError(f"--top must be >= 1, got {args.top}")
-    matches = _scorer(args).search(args.folder, args.query, args.top, progress=not args.quiet)
+    check_prompt(args.query)
+    files = image_files(args.folder)
+    matches = _scorer(args).rank(files, args.query, progress=not args.quiet)[:args.top]
     if args.json:
         _print_json([{"path": m.path, "score": m.score} for m in matches])
     else:
@@ -450,7 +461,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"vqclip: error: {e}", file=sys.stderr)  # NaN loss, out of memory
         return 1
     except KeyboardInterrupt:
-        print("vqclip: interrupted; partial downloads are kept and resume next time", file=sys.stderr)
+        kept = {"download": "; partial downloads are kept and resume next time",
+                "search": "; the embeddings computed so far are cached"}
+        print(f"vqclip: interrupted{kept.get(args.command, '')}", file=sys.stderr)
         return 130
 
 

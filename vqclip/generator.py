@@ -143,7 +143,8 @@ class GenerationResult:
                        for r, k in enumerate(self.order)]
             with atomic_path(ranking) as tmp:
                 tmp.write_text(json.dumps({"prompt": self.config.prompts.text,
-                                           "ranked_by": self.ranked_by, "best": records[0]["path"],
+                                           "ranked_by": self.ranked_by,
+                                           "best": records[0]["path"] if self.scores else None,
                                            "candidates": records}, indent=2) + "\n")
             written.append(ranking)
         self.files.extend(written)
@@ -284,9 +285,14 @@ class Generator:
                                                     callback, progress)
         t2 = time.perf_counter()
         scores = None
-        if cfg.prompts.text.strip():  # image and noise prompts have no text to rank by
-            ranked = self.ranker.rank(final, cfg.prompts.text)
-            scores = [m.score for m in sorted(ranked, key=lambda m: m.index)]
+        if cfg.prompts.text.strip() and not interrupted:  # image/noise prompts: no text to rank by
+            try:
+                ranked = self.ranker.rank(final, cfg.prompts.text)
+                scores = [m.score for m in sorted(ranked, key=lambda m: m.index)]
+            except KeyboardInterrupt:  # the images are made: keep them, unranked
+                interrupted = True
+            except RuntimeError as e:  # out of memory in a large rank CLIP, say
+                log.warning("the images are saved unranked: ranking failed (%s)", e)
         t3 = time.perf_counter()
 
         result = GenerationResult(

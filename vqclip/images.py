@@ -11,7 +11,7 @@ import torch
 from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
 
 __all__ = ["atomic_path", "load_image", "read_png_text", "save_png", "temp_path", "to_pil",
-           "to_tensor"]
+           "to_rgb", "to_tensor"]
 
 
 def load_image(path: str | Path, size: tuple[int, int] | None = None) -> Image.Image:
@@ -25,12 +25,24 @@ def load_image(path: str | Path, size: tuple[int, int] | None = None) -> Image.I
         raise FileNotFoundError(f"image not found: {path}")
     try:
         with Image.open(path) as im:
-            image = ImageOps.exif_transpose(im).convert("RGB")
+            image = to_rgb(ImageOps.exif_transpose(im))
     except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError) as e:
         raise ValueError(f"cannot read image {path}: {e}") from None
     if size is not None:
         image = ImageOps.fit(image, tuple(size), Image.Resampling.LANCZOS)
     return image
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """An image of any mode as 8-bit RGB, as it looks: 16-bit greyscale scaled down (Pillow's own
+    conversion clips it to white), transparency composited onto white (not onto whatever colour
+    the transparent pixels happen to hold)."""
+    if image.mode.startswith("I"):  # "I;16", "I;16B", "I": 16-bit greyscale
+        image = image.convert("I").point(lambda v: v / 256).convert("L")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+    return image.convert("RGB")
 
 
 def to_tensor(image: Image.Image) -> torch.Tensor:

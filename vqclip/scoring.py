@@ -28,7 +28,9 @@ Example:
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
+import os
 import re
 import sqlite3
 from concurrent.futures import ThreadPoolExecutor
@@ -41,11 +43,12 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps
 from tqdm.auto import tqdm
 
-from .images import to_pil
-from .pretrained import get_cache_dir, sha256sum
+from .images import to_pil, to_rgb
+from .pretrained import get_cache_dir
 from .prompts import parse_text_prompts
 
-__all__ = ["Classification", "EmbeddingCache", "IMAGE_SUFFIXES", "Match", "Scorer", "image_files"]
+__all__ = ["Classification", "EmbeddingCache", "IMAGE_SUFFIXES", "Match", "Scorer", "check_labels",
+           "check_prompt", "check_templates", "image_files"]
 
 log = logging.getLogger(__name__)
 
@@ -140,58 +143,67 @@ class Scorer:
 
     def encode_images(self, images: Iterable[ImageLike] | torch.Tensor, progress: bool = False
                       ) -> tuple[torch.Tensor, list[int]]:
-        """Embed images: paths, PIL images, or tensors ``(3, H, W)``/``(N, 3, H, W)`` in [0, 1].
+        """Embed images: paths, PIL images, or float tensors ``(3, H, W)``/``(N, 3, H, W)`` in [0, 1].
 
-        Files that cannot be read are skipped with a warning.
+        Files that cannot be read are skipped with a warning. Files go through the cache: one
+        unchanged since it was last seen, or with content seen before, is not encoded again.
 
         Returns:
             ``(M, D)`` unit embeddings on the CPU, and the input index of each of the M rows.
         """
         items = _as_items(images)
-        embeds: dict[int, torch.Tensor] = {}
-        todo: list[tuple[int, ImageLike, str | None]] = []  # (index, image, content hash)
         paths = {i: Path(x) for i, x in enumerate(items) if isinstance(x, (str, Path))}
-        cache = self.cache if paths else None  # only files are cached
-        hashes = cache.hashes(paths.values()) if cache else {}
-        cached = cache.get(set(hashes.values())) if cache else {}
-        for i, item in enumerate(items):
-            key = hashes.get(paths[i]) if i in paths else None
-            if key is not None and key in cached:
-                embeds[i] = cached[key]
-            elif i not in paths or cache is None or key is not None:
-                todo.append((i, item, key))
-            # else: a path the cache could not read (warned about already)
+        cache = self.cache if paths else None
+        embeds: dict[int, torch.Tensor] = {}
+        for i, path in paths.items() if cache else ():  # unchanged files seen before
+            if (e := cache.lookup(path)) is not None:
+                embeds[i] = e
+        todo = [i for i in range(len(items)) if i not in embeds]
         with tqdm(total=len(todo), disable=not progress or not todo, desc="encode", unit="img",
                   leave=False) as bar, ThreadPoolExecutor(self.workers) as pool:
             for start in range(0, len(todo), self.batch_size):
                 chunk = todo[start:start + self.batch_size]
-                pixels = list(pool.map(self._prepare, [item for _, item, _ in chunk]))
-                ok = [(i, key, p) for (i, _, key), p in zip(chunk, pixels, strict=True) if p is not None]
-                if ok:
+                prepared = dict(zip(chunk, pool.map(self._prepare, [items[i] for i in chunk]),
+                                    strict=True))
+                ready = {i: p for i, p in prepared.items() if p is not None}  # i -> (pixels, key, stat)
+                known = cache.get({key for _, key, _ in ready.values()}) if cache else {}
+                new = [i for i, (_, key, _) in ready.items() if key not in known]
+                if new:
                     with torch.no_grad():
-                        x = torch.stack([p for _, _, p in ok]).to(self.clip.device)
+                        x = torch.stack([ready[i][0] for i in new]).to(self.clip.device)
                         out = F.normalize(self.clip.model.encode_image(x).float(), dim=-1).cpu()
-                    embeds.update({i: e for (i, _, _), e in zip(ok, out, strict=True)})
-                    if cache:  # batch by batch: an interrupted run keeps what it encoded
-                        cache.put({key: e for (_, key, _), e in zip(ok, out, strict=True) if key})
+                    known.update({ready[i][1]: e for i, e in zip(new, out, strict=True)})
+                    embeds.update(zip(new, out, strict=True))
+                embeds.update({i: known[key] for i, (_, key, _) in ready.items() if i not in embeds})
+                if cache:  # batch by batch: an interrupted run keeps what it encoded
+                    cache.put({ready[i][1]: embeds[i] for i in new if i in paths},
+                              [(paths[i], st, key) for i, (_, key, st) in ready.items() if i in paths])
                 bar.update(len(chunk))
         kept = sorted(embeds)
         dim = self.clip.model.visual.output_dim
         return (torch.stack([embeds[i] for i in kept]) if kept else torch.empty(0, dim)), kept
 
-    def _prepare(self, item: ImageLike) -> torch.Tensor | None:
-        """One image as CLIP's input ``(3, S, S)``, normalized; None (and a warning) if unreadable."""
+    def _prepare(self, item: ImageLike):
+        """One image as CLIP's input ``(3, S, S)``, normalized, with its file's content hash and
+        stat (None for images in memory); None, and a warning, if it cannot be read.
+
+        A file is read once: the hash and the pixels come from the same bytes, so the cache
+        never files one content's embedding under another's hash.
+        """
         if isinstance(item, torch.Tensor):
-            return self.transform(to_pil(item))
+            return self.transform(to_pil(item)), None, None
         if isinstance(item, Image.Image):
-            return self.transform(item.convert("RGB"))
+            return self.transform(to_rgb(item)), None, None
         try:
-            with Image.open(item) as im:
+            st = os.stat(item)  # before reading: a later change shows as a newer stat next time
+            data = Path(item).read_bytes()
+            with Image.open(io.BytesIO(data)) as im:
                 im.draft("RGB", (self.clip.input_size, self.clip.input_size))  # JPEG: decode smaller
-                return self.transform(ImageOps.exif_transpose(im).convert("RGB"))
+                pixels = self.transform(to_rgb(ImageOps.exif_transpose(im)))
         except (OSError, ValueError, Image.DecompressionBombError) as e:
             log.warning("skipped %s: not a readable image (%s)", item, e)
             return None
+        return pixels, hashlib.sha256(data).hexdigest() if self.use_cache else None, st
 
     # ---------------------------------------------------------------------------------- scoring
 
@@ -199,9 +211,7 @@ class Scorer:
     def prompt_embedding(self, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
         """Unit embeddings ``(P, D)`` of a weighted prompt's parts, and weights ``(P,)`` that sum
         to 1 in absolute value."""
-        parts = parse_text_prompts(prompt)
-        if not parts:
-            raise ValueError("empty prompt: give text to score against")
+        parts = check_prompt(prompt)
         weights = torch.tensor([p.weight for p in parts])
         return self.encode_texts([p.value for p in parts]).cpu(), weights / weights.abs().sum()
 
@@ -217,7 +227,8 @@ class Scorer:
 
     def search(self, folder: str | Path, query: str, top_k: int | None = 10,
                progress: bool = False) -> list[Match]:
-        """The ``top_k`` images under ``folder`` (recursive) that best match ``query``."""
+        """The ``top_k`` images under ``folder`` that best match ``query`` (see :func:`image_files`
+        for which files count)."""
         if top_k is not None and top_k < 1:
             raise ValueError(f"top_k must be >= 1, got {top_k}")
         files = image_files(folder)
@@ -227,7 +238,7 @@ class Scorer:
     def label_embeddings(self, labels: Sequence[str], templates: Sequence[str] | None = None
                          ) -> torch.Tensor:
         """``(L, D)`` unit embeddings, each the normalized mean over the templates (``"{}"``)."""
-        labels, templates = _check_labels(labels), _check_templates(templates)
+        labels, templates = check_labels(labels), check_templates(templates)
         texts = [t.replace("{}", label) for label in labels for t in templates]
         embeds = self.encode_texts(texts).view(len(labels), len(templates), -1).mean(1)
         return F.normalize(embeds, dim=-1).cpu()
@@ -246,7 +257,7 @@ class Scorer:
             templates: prompt templates with ``{}`` for the label, e.g. ``["a photo of a {}."]``;
                 their embeddings are averaged per label. Default: the label itself.
         """
-        labels = _check_labels(labels)
+        labels = check_labels(labels)
         label_embeds = self.label_embeddings(labels, templates)
         items = _as_items(images)
         embeds, kept = self.encode_images(items, progress)
@@ -270,28 +281,54 @@ class Scorer:
 class EmbeddingCache:
     """Image embeddings of one model on disk (SQLite), keyed by the sha256 of each file's bytes.
 
-    A file's hash is kept with its size and modification time, so an unchanged file is not read
-    again; a changed one is hashed anew and encoded if its content is new. A moved or copied file
-    keeps its embedding.
+    Each file's hash is recorded with its size, modification and change times and inode, so an
+    unchanged file is neither read nor encoded again; a changed one is read, and encoded if its
+    content is new. A moved or copied file keeps its embedding. The cache is an aid, never an
+    obstacle: if it cannot be opened or written (locked, read-only, disk full), vqclip warns
+    once and goes on without it; a damaged file is replaced.
     """
 
     def __init__(self, path: str | Path):
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path, self._db = Path(path), None
         try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
             self._db = self._open()
-        except sqlite3.DatabaseError as e:  # a damaged cache is rebuilt, never fatal
+        except sqlite3.DatabaseError as e:
+            if "not a database" not in str(e) and "malformed" not in str(e):
+                self._fail(e)
+                return
             log.warning("embedding cache %s is damaged (%s); starting a new one", self.path, e)
-            self.path.unlink(missing_ok=True)
-            self._db = self._open()
+            try:
+                self.path.unlink(missing_ok=True)
+                self._db = self._open()
+            except (sqlite3.Error, OSError) as again:
+                self._fail(again)
+        except OSError as e:
+            self._fail(e)
 
     def _open(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, timeout=30, check_same_thread=False)
-        db.execute("CREATE TABLE IF NOT EXISTS files (path TEXT PRIMARY KEY, size INTEGER, "
-                   "mtime_ns INTEGER, sha256 TEXT)")
-        db.execute("CREATE TABLE IF NOT EXISTS embeds (sha256 TEXT PRIMARY KEY, vector BLOB)")
-        db.commit()
+        with db:
+            db.execute("CREATE TABLE IF NOT EXISTS files (path TEXT PRIMARY KEY, stat TEXT, "
+                       "sha256 TEXT)")
+            db.execute("CREATE TABLE IF NOT EXISTS embeds (sha256 TEXT PRIMARY KEY, vector BLOB)")
         return db
+
+    def _fail(self, error: Exception) -> None:
+        log.warning("embedding cache %s is off for this run: %s", self.path, error)
+        if self._db is not None:
+            self._db.close()
+        self._db = None
+
+    def _guard(self, fn, default=None):
+        """``fn()``, or ``default`` once the cache is off; a failure turns it off."""
+        if self._db is None:
+            return default
+        try:
+            return fn()
+        except (sqlite3.Error, OSError) as e:
+            self._fail(e)
+            return default
 
     @classmethod
     def for_model(cls, source: str, name: str, cache_dir: str | Path | None = None
@@ -301,48 +338,56 @@ class EmbeddingCache:
         digest = hashlib.sha256(source.encode()).hexdigest()[:12]
         return cls(get_cache_dir(cache_dir) / "embeddings" / f"{slug}-{digest}.sqlite")
 
-    def hashes(self, paths: Iterable[Path]) -> dict[Path, str]:
-        """Content hashes of the readable files among ``paths`` (others: a warning each)."""
-        found, changed = {}, []
-        for path in paths:
-            try:
-                st = path.stat()
-                row = self._db.execute("SELECT size, mtime_ns, sha256 FROM files WHERE path = ?",
-                                       (str(path.resolve()),)).fetchone()
-                if row is not None and row[:2] == (st.st_size, st.st_mtime_ns):
-                    found[path] = row[2]
-                    continue
-                found[path] = sha256sum(path)
-            except OSError as e:
-                log.warning("skipped %s: %s", path, e.strerror or e)
-                continue
-            changed.append((str(path.resolve()), st.st_size, st.st_mtime_ns, found[path]))
-        with self._db:
-            self._db.executemany("INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?)", changed)
-        return found
+    def lookup(self, path: Path) -> torch.Tensor | None:
+        """The stored embedding of ``path`` if the file is unchanged since it was recorded."""
+        if self._db is None:
+            return None
+        try:
+            st = path.stat()
+        except OSError:
+            return None  # the reader skips it with a warning
+        row = self._guard(lambda: self._db.execute(
+            "SELECT e.vector FROM files f JOIN embeds e ON f.sha256 = e.sha256 "
+            "WHERE f.path = ? AND f.stat = ?", (str(path.absolute()), _stat_key(st))).fetchone())
+        return None if row is None else torch.frombuffer(bytearray(row[0]), dtype=torch.float32)
 
     def get(self, keys: set[str]) -> dict[str, torch.Tensor]:
-        """The stored embeddings among ``keys``."""
-        keys, out = sorted(keys), {}
+        """The stored embeddings among ``keys`` (content hashes)."""
+        keys, out = sorted(k for k in keys if k), {}
         for start in range(0, len(keys), 500):  # SQLite limits the number of parameters
             chunk = keys[start:start + 500]
-            rows = self._db.execute(f"SELECT sha256, vector FROM embeds WHERE sha256 IN "
-                                    f"({','.join('?' * len(chunk))})", chunk)
+            rows = self._guard(lambda c=chunk: self._db.execute(
+                f"SELECT sha256, vector FROM embeds WHERE sha256 IN ({','.join('?' * len(c))})",
+                c).fetchall(), [])
             out.update({k: torch.frombuffer(bytearray(v), dtype=torch.float32) for k, v in rows})
         return out
 
-    def put(self, embeds: dict[str, torch.Tensor]) -> None:
-        with self._db:
-            self._db.executemany("INSERT OR REPLACE INTO embeds VALUES (?, ?)",
-                                 [(k, v.float().contiguous().numpy().tobytes())
-                                  for k, v in embeds.items()])
+    def put(self, embeds: dict[str, torch.Tensor],
+            files: list[tuple[Path, os.stat_result, str]] = ()) -> None:
+        """Store embeddings by content hash, and which content each file had when it was read."""
+        def write():
+            with self._db:
+                self._db.executemany("INSERT OR REPLACE INTO embeds VALUES (?, ?)", [
+                    (k, v.float().contiguous().numpy().tobytes()) for k, v in embeds.items()])
+                self._db.executemany("INSERT OR REPLACE INTO files VALUES (?, ?, ?)", [
+                    (str(p.absolute()), _stat_key(st), k) for p, st, k in files if k])
+        self._guard(write)
+
+
+def _stat_key(st: os.stat_result) -> str:
+    # size, modification and change time, inode: an edit that keeps the size and resets the
+    # modification time (cp -p, exiftool -P) still changes the change time
+    return f"{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}:{st.st_ino}"
 
 
 # ------------------------------------------------------------------------------------ helpers
 
 
 def image_files(folder: str | Path) -> list[Path]:
-    """Image files under ``folder``, recursively and sorted; hidden files and folders are left out.
+    """Image files under ``folder``, recursively and sorted.
+
+    Hidden files and folders are left out, and symlinked folders are not followed (no loops);
+    a folder that cannot be read is skipped with a warning.
 
     Raises:
         FileNotFoundError, NotADirectoryError: no such folder. ValueError: no images in it.
@@ -352,20 +397,24 @@ def image_files(folder: str | Path) -> list[Path]:
         raise FileNotFoundError(f"folder not found: {folder}")
     if not folder.is_dir():
         raise NotADirectoryError(f"{folder} is not a folder")
-    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
-                   and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+    files = []
+    for root, dirs, names in os.walk(folder, onerror=lambda e: log.warning(
+            "skipped folder %s: %s", e.filename, e.strerror)):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        files += [Path(root, n) for n in names
+                  if not n.startswith(".") and Path(n).suffix.lower() in IMAGE_SUFFIXES]
     if not files:
         raise ValueError(f"no images in {folder} (looked for {', '.join(IMAGE_SUFFIXES)})")
-    return files
+    return sorted(files)
 
 
 def _as_items(images: Iterable[ImageLike] | torch.Tensor) -> list[ImageLike]:
     if isinstance(images, torch.Tensor):
         if images.ndim == 3:
             images = images[None]
-        if images.ndim != 4 or images.shape[1] != 3:
-            raise ValueError(f"image tensors must be (3, H, W) or (N, 3, H, W), got "
-                             f"{tuple(images.shape)}")
+        if images.ndim != 4 or images.shape[1] != 3 or not images.is_floating_point():
+            raise ValueError(f"image tensors must be float (3, H, W) or (N, 3, H, W) in [0, 1], got "
+                             f"{images.dtype} {tuple(images.shape)}")
         return list(images)
     if isinstance(images, (str, Path, Image.Image)):
         return [images]
@@ -379,7 +428,15 @@ def _path(item: ImageLike) -> str | None:
     return str(item) if isinstance(item, (str, Path)) else None
 
 
-def _check_labels(labels: Sequence[str]) -> list[str]:
+def check_prompt(prompt: str):
+    """The parts of a weighted prompt to score against; ValueError if there are none."""
+    parts = parse_text_prompts(prompt)
+    if not parts:
+        raise ValueError("empty prompt: give text to score against")
+    return parts
+
+
+def check_labels(labels: Sequence[str]) -> list[str]:
     if isinstance(labels, str):
         raise ValueError("labels must be a list of strings, not one string")
     labels = [str(label).strip() for label in labels]
@@ -390,7 +447,7 @@ def _check_labels(labels: Sequence[str]) -> list[str]:
     return labels
 
 
-def _check_templates(templates: Sequence[str] | None) -> list[str]:
+def check_templates(templates: Sequence[str] | None) -> list[str]:
     if templates is None:
         return ["{}"]
     if isinstance(templates, str):

@@ -41,7 +41,7 @@ class CLIP:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     name: str
-    # what the weights are, for caches of embeddings: the registry name, or a file's path, size and
+    # which weights these are, for caches of embeddings: the weights file's path, size and
     # modification time; None for random weights, whose embeddings are never worth keeping
     source: str | None = None
 
@@ -129,7 +129,7 @@ def load_clip(arch: str, pretrained: str | Path | None = None, *, device: str | 
         raise ValueError(f"unknown CLIP architecture {arch!r}; available: "
                          f"{', '.join(sorted(open_clip.list_models()))}")
 
-    weights, quick_gelu, name, preprocess, source = None, False, arch, {}, None
+    weights, quick_gelu, name, preprocess = None, False, arch, {}
     if pretrained is not None:
         path = Path(pretrained)
         tag = f"{arch}/{pretrained}"
@@ -138,10 +138,8 @@ def load_clip(arch: str, pretrained: str | Path | None = None, *, device: str | 
             if not path.is_file():
                 raise FileNotFoundError(f"CLIP weights not found: {path}")
             weights, name = path, f"{arch}/{path.name}"
-            st = path.stat()
-            source = f"{arch}:{path.resolve()}:{st.st_size}:{st.st_mtime_ns}"
         else:
-            name = source = tag
+            name = tag
             if name not in registry.CLIP_MODELS:
                 raise ValueError(_unknown_tag_message(arch, str(pretrained)))
             entry = registry.CLIP_MODELS[name]
@@ -159,7 +157,10 @@ def load_clip(arch: str, pretrained: str | Path | None = None, *, device: str | 
     with _quiet_random_init(weights is not None):
         model = open_clip.create_model(arch, pretrained=None, force_quick_gelu=quick_gelu,
                                        force_preprocess_cfg=preprocess, device="cpu")
+    source = None
     if weights is not None:
+        st = Path(weights).stat()  # weights replaced in place (retrained, say) get a new cache
+        source = f"{arch}:{Path(weights).resolve()}:{st.st_size}:{st.st_mtime_ns}"
         sd = read_state_dict(weights)
         if next(iter(sd)).startswith("module."):  # open_clip training checkpoints (DDP)
             sd = {k.removeprefix("module."): v for k, v in sd.items()}
