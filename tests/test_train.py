@@ -105,5 +105,6 @@ def test_adversarial_clip_training_runs_from_the_command_line(tmp_path, capsys):
 
     out, log = tmp_path / "c.safetensors", tmp_path / "c.jsonl"
     assert main(["-q", "train", "shapes-clip", "--steps", "2", "--batch-size", "8", "--clutter", "4",
-                 "--adversarial", "0.03", "--out", str(out), "--threads", "1", "--log", str(log)]) == 0
+                 "--adversarial", "0.03", "--clean-weight", "0.5", "--out", str(out), "--threads", "1",
+                 "--log", str(log)]) == 0
     assert out.is_file() and len(_losses(log)) == 1

@@ -174,6 +174,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             kw["clutter"] = args.clutter
         if args.adversarial is not None:
             kw["adversarial"] = args.adversarial
+        if args.clean_weight is not None:
+            kw["clean_weight"] = args.clean_weight
         if args.negatives:
             kw["negatives"] = train.negative_bank(args.negatives, seed=args.seed or 0)
         train.train_clip(out, progress=not args.quiet, log_file=args.log, init=args.init, **kw)
@@ -405,6 +407,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="shapes-clip: mined negatives (scripts/mine_shapes.py), 16 per batch")
     p.add_argument("--adversarial", type=float, metavar="EPS",
                    help="shapes-clip: train on PGD perturbations up to EPS (L-inf, pixels in 0..1)")
+    p.add_argument("--clean-weight", dest="clean_weight", type=float, metavar="W",
+                   help="shapes-clip with --adversarial: share of the loss on the clean images")
     _add_verbosity(p, argparse.SUPPRESS)
     p.set_defaults(func=cmd_train)
 

@@ -171,7 +171,7 @@ def train_clip(out: str | Path, steps: int = 4000, batch_size: int = 128, lr: fl
                init: str | Path | None = None, log_file: str | Path | None = None,
                log_every: int = 50, augments: tuple[str, ...] = ("affine", "noise"),
                clutter: int = 48, bf16: bool = True, adversarial: float = 0.0,
-               attack_steps: int = 3) -> Path:
+               attack_steps: int = 3, clean_weight: float = 0.0) -> Path:
     """Train the tiny CLIP contrastively on augmented renders and their captions.
 
     Args:
@@ -186,6 +186,8 @@ def train_clip(out: str | Path, steps: int = 4000, batch_size: int = 128, lr: fl
             (in [0, 1] pixels, ``attack_steps`` steps), so that the image tower is robust and its
             gradients point at shapes rather than at imperceptible patterns (Madry et al. 2018;
             Santurkar et al. 2019, "Image synthesis with a single robust classifier").
+        clean_weight: with ``adversarial``, the share of the loss taken on the clean images (the
+            rest on the perturbed ones): robust training costs clean accuracy, and this keeps it.
     """
     import open_clip
 
@@ -223,11 +225,15 @@ def train_clip(out: str | Path, steps: int = 4000, batch_size: int = 128, lr: fl
         with _autocast(bf16):
             txt = F.normalize(model.encode_text(tokenizer(texts)).float(), dim=-1)
         scale = model.logit_scale.exp()
+        loss = 0.0
         if adversarial:
             fixed = (scale * txt).detach()
-            images = _attack(lambda x, f=fixed, s=same: _contrastive(f @ encode_image(x).T, s), images,
-                             adversarial, attack_steps)
-        loss = _contrastive(scale * txt @ encode_image(images).T, same)  # (n texts, n images)
+            attacked = _attack(lambda x, f=fixed, s=same: _contrastive(f @ encode_image(x).T, s),
+                               images, adversarial, attack_steps)
+            loss = (1 - clean_weight) * _contrastive(scale * txt @ encode_image(attacked).T, same)
+        if not adversarial or clean_weight:  # (n texts, n images)
+            loss = loss + (clean_weight if adversarial else 1) * _contrastive(
+                scale * txt @ encode_image(images).T, same)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
