@@ -259,7 +259,7 @@ def require(names: list[str], cache_dir: str | Path | None = None, allow_downloa
     if not missing:
         return
     command = f"`vqclip download {' '.join(missing)}`"
-    reason = "they are not downloaded"
+    reason = "they are not downloaded" if len(missing) > 1 else "it is not downloaded"
     if not allow_download or os.environ.get("VQCLIP_OFFLINE") == "1":
         reason += " and downloading is off" + (" (VQCLIP_OFFLINE=1)" if allow_download else "")
     else:
