@@ -68,7 +68,7 @@ def main():
     with torch.no_grad():
         x = torch.rand(args.batch_size, 3, clip.input_size, clip.input_size, device=args.device)
         clip.model.encode_image(x)  # warm-up
-        reps, start = max(2, 256 // args.batch_size), time.perf_counter()
+        reps, start = max(4, 1024 // args.batch_size // (1 + clip.input_size // 100)), time.perf_counter()
         for _ in range(reps):
             clip.model.encode_image(x)
         if args.device.startswith("cuda"):
