@@ -367,3 +367,35 @@ def test_ctrl_c_while_ranking_keeps_the_candidates_unranked(tiny_generator, tmp_
     ranking = json.loads((tmp_path / "k-ranking.json").read_text())
     assert ranking["best"] is None and [r["score"] for r in ranking["candidates"]] == [None, None]
     assert read_png_text(tmp_path / "k-1.png")["interrupted"] == "True"
+
+
+def test_a_cache_of_another_schema_version_is_rebuilt(tmp_path):
+    import sqlite3
+
+    path = tmp_path / "old.sqlite"
+    with sqlite3.connect(path) as db:  # an older layout, without the version mark
+        db.execute("CREATE TABLE files (path TEXT PRIMARY KEY, size INTEGER, sha256 TEXT)")
+    image = tmp_path / "x.png"
+    image.write_bytes(b"stands in for an image")
+    cache = EmbeddingCache(path)
+    cache.put({"k": torch.ones(3)}, [(image, image.stat(), "k")])
+    assert torch.equal(cache.lookup(image), torch.ones(3))
+    assert torch.equal(cache.get({"k"})["k"], torch.ones(3))
+
+
+def test_32_bit_images_with_8_bit_values_keep_their_brightness():
+    import numpy as np
+    from PIL import Image
+
+    from vqclip.images import to_rgb
+
+    image = Image.fromarray(np.full((4, 4), 200, dtype=np.int32))
+    assert image.mode == "I" and np.asarray(to_rgb(image))[0, 0].tolist() == [200, 200, 200]
+
+
+def test_batch_size_is_checked_before_the_model_loads(monkeypatch):
+    import vqclip.models.clip as clip_module
+
+    monkeypatch.setattr(clip_module, "load_clip", lambda *a, **k: pytest.fail("loaded a model"))
+    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+        Scorer.load(preset="shapes", batch_size=0)

@@ -460,13 +460,18 @@ def main(argv: list[str] | None = None) -> int:
     except RuntimeError as e:
         from .generator import GenerationError
 
-        if not isinstance(e, GenerationError):
-            raise
-        print(f"vqclip: error: {e}", file=sys.stderr)  # NaN loss, out of memory
-        return 1
+        if isinstance(e, GenerationError):
+            print(f"vqclip: error: {e}", file=sys.stderr)  # NaN loss, out of memory
+            return 1
+        if "out of memory" in str(e).lower() and args.command in ("classify", "rank", "search"):
+            print(f"vqclip: error: out of memory while encoding images: lower --batch-size "
+                  f"(now {args.batch_size})", file=sys.stderr)
+            return 1
+        raise
     except KeyboardInterrupt:
-        kept = {"download": "; partial downloads are kept and resume next time",
-                "search": "; the embeddings computed so far are cached"}
+        kept = {"download": "; partial downloads are kept and resume next time"}
+        if args.command == "search" and not args.no_cache:
+            kept["search"] = "; the embeddings computed so far are cached"
         print(f"vqclip: interrupted{kept.get(args.command, '')}", file=sys.stderr)
         return 130
 

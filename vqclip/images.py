@@ -37,8 +37,9 @@ def to_rgb(image: Image.Image) -> Image.Image:
     """An image of any mode as 8-bit RGB, as it looks: 16-bit greyscale scaled down (Pillow's own
     conversion clips it to white), transparency composited onto white (not onto whatever colour
     the transparent pixels happen to hold)."""
-    if image.mode.startswith("I"):  # "I;16", "I;16B", "I": 16-bit greyscale
-        image = image.convert("I").point(lambda v: v / 256).convert("L")
+    if image.mode.startswith("I;16") or (image.mode == "I" and image.getextrema()[1] > 255):
+        # 16-bit greyscale; its transparency value (rare) is dropped rather than misapplied
+        return image.convert("I").point(lambda v: v / 256).convert("L").convert("RGB")
     if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
         rgba = image.convert("RGBA")
         image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)

@@ -122,6 +122,8 @@ class Scorer:
         from .models.clip import load_clip
         from .pretrained import CLIP_MODELS, require
 
+        if batch_size < 1:  # before a model is loaded, or downloaded
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         unknown = sorted(set(models) - {"clip", "clip_pretrained", "clip_config"})
         if unknown:
             raise ValueError(f"unknown setting {unknown[0]!r} for a Scorer; known: clip, "
@@ -306,9 +308,15 @@ class EmbeddingCache:
         except OSError as e:
             self._fail(e)
 
+    SCHEMA = 1  # PRAGMA user_version; a file of another version is rebuilt
+
     def _open(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, timeout=30, check_same_thread=False)
         with db:
+            if db.execute("PRAGMA user_version").fetchone()[0] != self.SCHEMA:
+                db.execute("DROP TABLE IF EXISTS files")
+                db.execute("DROP TABLE IF EXISTS embeds")
+                db.execute(f"PRAGMA user_version = {self.SCHEMA}")
             db.execute("CREATE TABLE IF NOT EXISTS files (path TEXT PRIMARY KEY, stat TEXT, "
                        "sha256 TEXT)")
             db.execute("CREATE TABLE IF NOT EXISTS embeds (sha256 TEXT PRIMARY KEY, vector BLOB)")
@@ -368,7 +376,7 @@ class EmbeddingCache:
         def write():
             with self._db:
                 self._db.executemany("INSERT OR REPLACE INTO embeds VALUES (?, ?)", [
-                    (k, v.float().contiguous().numpy().tobytes()) for k, v in embeds.items()])
+                    (k, v.float().contiguous().numpy().tobytes()) for k, v in embeds.items() if k])
                 self._db.executemany("INSERT OR REPLACE INTO files VALUES (?, ?, ?)", [
                     (str(p.absolute()), _stat_key(st), k) for p, st, k in files if k])
         self._guard(write)
