@@ -5,8 +5,11 @@ and keeps the images (the final one and earlier snapshots) whose colour or shape
 judge does not confirm. The file grows every --chunk images, so an interrupted run keeps what
 it found. Feed it to the next round: `vqclip train shapes-clip --init CLIP --negatives OUT`.
 
-Usage: python scripts/mine_shapes.py VQGAN.safetensors CLIP.safetensors CLIP_CONFIG.json
+Usage: python scripts/mine_shapes.py VQGAN CLIP.safetensors CLIP_CONFIG.json
            --n 300 --out mined.safetensors [--seed 0] [--snapshots 3] [key=value overrides]
+
+VQGAN is a registry name (the shipped one: shapes_f4_512) or a checkpoint that carries its
+config, as `vqclip train shapes-vqgan` writes.
 """
 
 import argparse
@@ -20,7 +23,7 @@ from vqclip.train import SHAPES_CLIP_ARCH, mine_negatives
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("vqgan")
+    ap.add_argument("vqgan", help="registry name (shapes_f4_512) or a vqclip checkpoint")
     ap.add_argument("clip")
     ap.add_argument("clip_config")
     ap.add_argument("--n", type=int, default=300)
