@@ -358,7 +358,7 @@ def test_ctrl_c_while_ranking_keeps_the_candidates_unranked(tiny_generator, tmp_
     def stop(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(tiny_generator.ranker, "rank", stop)
+    monkeypatch.setattr(tiny_generator.ranker, "score", stop)
     with pytest.raises(GenerationInterrupted) as info:
         tiny_generator.generate("a cat", steps=2, seed=0, candidates=2, size=[32, 32], cutn=2,
                                 output=str(tmp_path / "k.png"))

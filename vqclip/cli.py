@@ -205,12 +205,15 @@ def _none_readable(results) -> int:
     return 1
 
 
-def _print_matches(matches) -> None:
-    if not matches:
-        return
-    print(f"{'RANK':>4}  {'SCORE':>7}  PATH")
-    for r, m in enumerate(matches, 1):
-        print(f"{r:>4}  {m.score:>7.4f}  {m.path}")
+def _report_matches(matches, as_json: bool) -> int:
+    """Print ranked matches (JSON, or a table) for rank and search; returns the exit code."""
+    if as_json:
+        _print_json([{"path": m.path, "score": m.score} for m in matches])
+    elif matches:
+        print(f"{'RANK':>4}  {'SCORE':>7}  PATH")
+        for r, m in enumerate(matches, 1):
+            print(f"{r:>4}  {m.score:>7.4f}  {m.path}")
+    return _none_readable(matches)
 
 
 def cmd_classify(args: argparse.Namespace) -> int:
@@ -236,11 +239,7 @@ def cmd_rank(args: argparse.Namespace) -> int:
 
     check_prompt(args.prompt)
     matches = _scorer(args).rank(args.images, args.prompt, progress=not args.quiet)
-    if args.json:
-        _print_json([{"path": m.path, "score": m.score} for m in matches])
-    else:
-        _print_matches(matches)
-    return _none_readable(matches)
+    return _report_matches(matches, args.json)
 
 
 def cmd_search(args: argparse.Namespace) -> int:
@@ -251,11 +250,15 @@ def cmd_search(args: argparse.Namespace) -> int:
     check_prompt(args.query)
     files = image_files(args.folder)
     matches = _scorer(args).rank(files, args.query, progress=not args.quiet)[:args.top]
-    if args.json:
-        _print_json([{"path": m.path, "score": m.score} for m in matches])
-    else:
-        _print_matches(matches)
-    return _none_readable(matches)
+    return _report_matches(matches, args.json)
+
+
+def _add_clip_flags(group) -> None:
+    """The flags that choose the CLIP, shared by generate and the scoring commands."""
+    group.add_argument("--clip", metavar="ARCH")
+    group.add_argument("--clip-pretrained", dest="clip_pretrained", metavar="TAG|PATH")
+    group.add_argument("--clip-config", dest="clip_config", metavar="JSON",
+                       help="open_clip model config for a custom architecture")
 
 
 def _add_scoring(sub) -> None:
@@ -263,9 +266,7 @@ def _add_scoring(sub) -> None:
         p.add_argument("--json", action="store_true", help="machine-readable output")
         g = p.add_argument_group("models")
         g.add_argument("--preset", help="the CLIP of this preset (default: imagenet, ViT-B-32)")
-        g.add_argument("--clip", metavar="ARCH")
-        g.add_argument("--clip-pretrained", dest="clip_pretrained", metavar="TAG|PATH")
-        g.add_argument("--clip-config", dest="clip_config", metavar="JSON")
+        _add_clip_flags(g)
         g.add_argument("--device", help="auto (default), cpu, cuda, cuda:N or mps")
         g.add_argument("--batch-size", dest="batch_size", type=int, default=64, metavar="N")
         g.add_argument("--no-cache", dest="no_cache", action="store_true",
@@ -359,10 +360,7 @@ def _add_generate(sub) -> None:
     g = p.add_argument_group("models")
     g.add_argument("--vqgan", metavar="NAME|CKPT")
     g.add_argument("--vqgan-config", dest="vqgan_config", metavar="YAML")
-    g.add_argument("--clip", metavar="ARCH")
-    g.add_argument("--clip-pretrained", dest="clip_pretrained", metavar="TAG|PATH")
-    g.add_argument("--clip-config", dest="clip_config", metavar="JSON",
-                   help="open_clip model config for a custom architecture")
+    _add_clip_flags(g)
     g.add_argument("--rank-clip", dest="rank_clip", metavar="ARCH/TAG",
                    help="rank the candidates with this CLIP (registry name, or ARCH/path to "
                         "weights) rather than the guiding one")

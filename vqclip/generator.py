@@ -287,8 +287,7 @@ class Generator:
         scores = None
         if cfg.prompts.text.strip() and not interrupted:  # image/noise prompts: no text to rank by
             try:
-                ranked = self.ranker.rank(final, cfg.prompts.text)
-                scores = [m.score for m in sorted(ranked, key=lambda m: m.index)]
+                scores = self.ranker.score(final, cfg.prompts.text)[0].tolist()  # tensors: none skipped
             except KeyboardInterrupt:  # the images are made: keep them, unranked
                 interrupted = True
             except RuntimeError as e:  # out of memory in a large rank CLIP, say

@@ -217,13 +217,19 @@ class Scorer:
         weights = torch.tensor([p.weight for p in parts])
         return self.encode_texts([p.value for p in parts]).cpu(), weights / weights.abs().sum()
 
+    def score(self, images: Iterable[ImageLike] | torch.Tensor, prompt: str,
+              progress: bool = False) -> tuple[torch.Tensor, list[int]]:
+        """Each readable image's score against a prompt (weighted syntax allowed), in input order:
+        ``(M,)``, and the input index of each."""
+        texts, weights = self.prompt_embedding(prompt)
+        embeds, kept = self.encode_images(images, progress)
+        return (embeds @ texts.T) @ weights, kept
+
     def rank(self, images: Iterable[ImageLike] | torch.Tensor, prompt: str,
              progress: bool = False) -> list[Match]:
         """Score images against a prompt (weighted syntax allowed), best first."""
-        texts, weights = self.prompt_embedding(prompt)
         items = _as_items(images)
-        embeds, kept = self.encode_images(items, progress)
-        scores = (embeds @ texts.T) @ weights  # (M,)
+        scores, kept = self.score(items, prompt, progress)
         order = scores.argsort(descending=True, stable=True).tolist()
         return [Match(kept[j], scores[j].item(), _path(items[kept[j]])) for j in order]
 

@@ -24,6 +24,8 @@ from dataclasses import dataclass
 import torch
 from PIL import Image, ImageDraw
 
+from .images import to_tensor
+
 __all__ = ["BACKGROUNDS", "CLUTTER", "COLOURS", "POSITIONS", "SHAPES", "SIZES", "Scene", "ShapeObject",
            "batch", "caption", "captions", "clutter", "clutter_batch", "render", "sample_scene"]
 
@@ -148,15 +150,7 @@ def batch(start: int, n: int, split: str = "train", size: int = 64,
           num_objects: int | None = None) -> tuple[torch.Tensor, list[Scene]]:
     """Scenes ``start .. start+n-1`` of a split, rendered: ``(n, 3, size, size)`` in [0, 1]."""
     scenes = [sample_scene(start + i, split, num_objects) for i in range(n)]
-    return _stack([render(s, size) for s in scenes]), scenes
-
-
-def _stack(images: list[Image.Image]) -> torch.Tensor:
-    """Same-size RGB images as one ``(n, 3, H, W)`` tensor in [0, 1]."""
-    w, h = images[0].size
-    data = bytearray(b"".join(im.tobytes() for im in images))
-    return torch.frombuffer(data, dtype=torch.uint8).view(len(images), h, w, 3).permute(
-        0, 3, 1, 2).float() / 255
+    return torch.cat([to_tensor(render(s, size)) for s in scenes]), scenes
 
 
 # ------------------------------------------------------------------------------------- clutter
@@ -212,4 +206,4 @@ def clutter(seed: int, size: int = 64, supersample: int = 4, kind: str | None = 
 
 def clutter_batch(start: int, n: int, size: int = 64) -> torch.Tensor:
     """Clutter images ``start .. start+n-1``: ``(n, 3, size, size)`` in [0, 1]."""
-    return _stack([clutter(start + i, size) for i in range(n)])
+    return torch.cat([to_tensor(clutter(start + i, size)) for i in range(n)])

@@ -207,6 +207,7 @@ def train_clip(out: str | Path, steps: int = 4000, batch_size: int = 128, lr: fl
     tokenizer = open_clip.get_tokenizer(SHAPES_CLIP_ARCH)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1, betas=(0.9, 0.98))
     sched = _schedule(opt, steps)
+
     def encode_image(x: torch.Tensor) -> torch.Tensor:  # (B, 3, 64, 64) in [0, 1] -> (B, D) unit
         with _autocast(bf16):
             x = model.encode_image((x - mean[:, None, None]) / std[:, None, None])
@@ -225,15 +226,15 @@ def train_clip(out: str | Path, steps: int = 4000, batch_size: int = 128, lr: fl
         with _autocast(bf16):
             txt = F.normalize(model.encode_text(tokenizer(texts)).float(), dim=-1)
         scale = model.logit_scale.exp()
+        clean_share = clean_weight if adversarial else 1.0
         loss = 0.0
-        if adversarial:
+        if adversarial:  # logits: (n texts, n images)
             fixed = (scale * txt).detach()
             attacked = _attack(lambda x, f=fixed, s=same: _contrastive(f @ encode_image(x).T, s),
                                images, adversarial, attack_steps)
-            loss = (1 - clean_weight) * _contrastive(scale * txt @ encode_image(attacked).T, same)
-        if not adversarial or clean_weight:  # (n texts, n images)
-            loss = loss + (clean_weight if adversarial else 1) * _contrastive(
-                scale * txt @ encode_image(images).T, same)
+            loss = (1 - clean_share) * _contrastive(scale * txt @ encode_image(attacked).T, same)
+        if clean_share:
+            loss = loss + clean_share * _contrastive(scale * txt @ encode_image(images).T, same)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
