@@ -1,0 +1,67 @@
+"""The notebooks in notebooks/: the quickstart runs offline (so a broken API breaks the build), and
+the one that needs downloaded weights at least uses the API as it is."""
+
+import ast
+import inspect
+import os
+from pathlib import Path
+
+import nbformat
+import pytest
+from nbclient import NotebookClient
+
+import vqclip
+from vqclip.config import FLAT_KEYS
+from vqclip.generator import Generator
+
+NOTEBOOKS = Path(__file__).parent.parent / "notebooks"
+
+
+def code_cells(name):
+    return [c.source for c in nbformat.read(NOTEBOOKS / name, as_version=4).cells
+            if c.cell_type == "code"]
+
+
+def test_quickstart_runs_offline(tmp_path, monkeypatch):
+    """Every cell runs, and the notebook's own assertions hold: generation with live progress, the
+    video, four ranked candidates, classification and search, all with the bundled preset."""
+    monkeypatch.setenv("VQCLIP_CACHE", str(tmp_path / "cache"))  # the kernel inherits this
+    monkeypatch.setenv("VQCLIP_OFFLINE", "1")
+    nb = nbformat.read(NOTEBOOKS / "quickstart.ipynb", as_version=4)
+    NotebookClient(nb, timeout=600, kernel_name="python3",
+                   resources={"metadata": {"path": str(tmp_path)}}).execute()
+    out = tmp_path / "quickstart-outputs"
+    assert (out / "red-circle.mp4").stat().st_size > 0
+    assert sorted(p.name for p in out.glob("blue-square-?.png")) == [f"blue-square-{k}.png"
+                                                                        for k in range(4)]
+    shown = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
+    assert any("image/png" in o.get("data", {}) for o in shown)  # the live figure was drawn
+    assert any("<video" in o.get("data", {}).get("text/html", "") for o in shown)
+
+
+@pytest.mark.parametrize("path", sorted(NOTEBOOKS.glob("*.ipynb")), ids=lambda p: p.name)
+def test_stored_notebooks_have_no_outputs(path):
+    nb = nbformat.read(path, as_version=4)
+    nbformat.validate(nb)
+    for cell in nb.cells:
+        if cell.cell_type == "code" and "keep-output" not in cell.metadata.get("tags", []):
+            assert cell.outputs == [] and cell.execution_count is None, cell.source[:60]
+
+
+def test_real_weights_notebook_uses_the_api_as_it_is():
+    """It needs a download and a GPU, so CI cannot run it; instead every import must be public and
+    every keyword given to Generator.load / generate must be a setting they take."""
+    load_params = set(inspect.signature(Generator.load).parameters) | set(FLAT_KEYS)
+    generate_params = set(inspect.signature(Generator.generate).parameters) | set(FLAT_KEYS)
+    calls = 0
+    for source in code_cells("real_weights.ipynb"):
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, ast.ImportFrom) and node.module == "vqclip":
+                assert all(alias.name in vqclip.__all__ for alias in node.names)
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+                allowed = {"load": load_params, "generate": generate_params}.get(node.func.attr)
+                if allowed is not None:
+                    calls += 1
+                    assert {k.arg for k in node.keywords} <= allowed, ast.unparse(node)
+    assert calls >= 4  # both loads and both generations were checked
+    assert os.path.getsize(NOTEBOOKS / "real_weights.ipynb") < 50_000  # no embedded outputs
