@@ -210,3 +210,26 @@ def tiny_generator(tiny_models):
     from vqclip.generator import Generator
 
     return Generator.load(**tiny_models)
+
+
+def api_misuse(source: str) -> list[str]:
+    """What a Python example (README block, notebook cell) gets wrong about the public API: imports
+    of names vqclip does not export, and keywords that ``Generator.load`` / ``.generate`` do not
+    take. Examples that need downloaded weights cannot run in CI; this is their check."""
+    import ast
+    import inspect
+
+    import vqclip
+    from vqclip.config import FLAT_KEYS
+    from vqclip.generator import Generator
+
+    takes = {name: set(inspect.signature(getattr(Generator, name)).parameters) | set(FLAT_KEYS)
+             for name in ("load", "generate")}
+    problems = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.ImportFrom) and node.module == "vqclip":
+            problems += [f"not exported: {a.name}" for a in node.names if a.name not in vqclip.__all__]
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in takes:
+            problems += [f"{node.func.attr}() takes no {k.arg!r}" for k in node.keywords
+                         if k.arg is not None and k.arg not in takes[node.func.attr]]
+    return problems

@@ -1,35 +1,105 @@
-"""The README's commands and code must keep matching the CLI and the API."""
+"""Every code block in the README is tested, so that a renamed flag or API fails here instead of
+rotting the docs.
 
-import ast
+The comment on the line before a block says how (see the README's Development section):
+``<!-- test: run -->`` runs it in a scratch folder, and the plain or JSON block right after it is
+the output it must print; ``<!-- test: gallery -->`` runs it and compares the files it makes with
+the committed ones in docs/gallery; ``<!-- ci:... -->`` blocks are what .ci/run executes. Every
+other block is parsed: its ``vqclip`` commands by the CLI's own parser, its Python by ``ast``.
+"""
+
+import os
 import re
 import shlex
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image, ImageSequence
 
-import vqclip
+from conftest import api_misuse
 from vqclip.cli import generate_config, parse_args
 
-README = (Path(__file__).parent.parent / "README.md").read_text()
+ROOT = Path(__file__).parent.parent
+README = (ROOT / "README.md").read_text()
 
 
-def blocks(lang):
-    return re.findall(rf"```{lang}\n(.*?)```", README, flags=re.S)
+@dataclass
+class Block:
+    line: int  # where its opening fence is, 1-based
+    marker: str | None  # the <!-- ... --> comment on the line before, if any
+    lang: str
+    body: str
+    output: "Block | None" = None  # for a run block: the expected output that follows it
+
+    def __str__(self):
+        return f"README.md:{self.line}"
+
+
+def parse_blocks(text: str) -> list[Block]:
+    lines = text.split("\n")
+    blocks, i = [], 0
+    while i < len(lines):
+        if lines[i].lstrip().startswith("```"):
+            assert lines[i].startswith("```"), f"README.md:{i + 1}: indented code fences are not tested"
+            end = lines.index("```", i + 1)
+            marker = lines[i - 1].strip() if i and lines[i - 1].startswith("<!--") else None
+            blocks.append(Block(i + 1, marker, lines[i][3:].strip(), "\n".join(lines[i + 1:end]) + "\n"))
+            i = end
+        i += 1
+    for before, after in zip(blocks, blocks[1:]):  # an output block follows its run block directly
+        if (before.marker == "<!-- test: run -->" and after.marker is None
+                and after.lang in ("", "json") and after.line == before.line + before.body.count("\n") + 2):
+            before.output = after
+    return blocks
+
+
+BLOCKS = parse_blocks(README)
+OUTPUTS = {id(b.output) for b in BLOCKS if b.output}
+RUN = [b for b in BLOCKS if b.marker == "<!-- test: run -->"]
+GALLERY = [b for b in BLOCKS if b.marker == "<!-- test: gallery -->"]
+
+
+def commands(block: Block):
+    for line in block.body.splitlines():
+        line = line.split("#")[0].strip()
+        if line:
+            yield line
 
 
 def vqclip_commands():
-    for block in blocks("bash"):
-        for line in block.splitlines():
-            line = line.split("#")[0].strip()
-            if line.startswith("vqclip "):
-                yield shlex.split(line)[1:]
+    for block in BLOCKS:
+        if block.lang == "bash" and block.marker not in ("<!-- ci:install -->", "<!-- ci:test -->"):
+            for line in commands(block):
+                if line.startswith("vqclip "):
+                    yield pytest.param(shlex.split(line)[1:], id=f"{block}:{line[:60]}")
 
 
 def test_readme_has_the_ci_blocks():
-    assert "<!-- ci:install -->" in README and "<!-- ci:test -->" in README
+    assert [b.marker for b in BLOCKS if b.marker and b.marker.startswith("<!-- ci:")] == [
+        "<!-- ci:install -->", "<!-- ci:test -->"]
 
 
-@pytest.mark.parametrize("argv", list(vqclip_commands()), ids=" ".join)
+def test_every_block_is_tested():
+    for block in BLOCKS:
+        if block.marker in ("<!-- ci:install -->", "<!-- ci:test -->", "<!-- test: run -->",
+                            "<!-- test: gallery -->") or id(block) in OUTPUTS:
+            continue
+        assert block.marker is None, f"{block}: unknown marker {block.marker}"
+        assert block.lang in ("bash", "python"), f"{block}: a {block.lang or 'plain'} block that no test reads"
+        if block.lang == "bash":  # parsed below; a script it names must exist
+            for line in commands(block):
+                script = re.fullmatch(r"python (scripts/\S+\.py)( .*)?", line)
+                assert line.startswith("vqclip ") or script, f"{block}: untested command {line!r}"
+                assert not script or (ROOT / script[1]).is_file(), f"{block}: no {script[1]}"
+    assert RUN and GALLERY and all(b.output for b in RUN if b.lang == "bash" and "rank" in b.body)
+
+
+@pytest.mark.parametrize("argv", list(vqclip_commands()))
 def test_every_cli_line_parses(argv, tmp_path, monkeypatch):
     if "--help" in argv:
         with pytest.raises(SystemExit) as info:
@@ -39,21 +109,107 @@ def test_every_cli_line_parses(argv, tmp_path, monkeypatch):
     args = parse_args(argv)
     if args.command == "generate":  # the settings must be valid too, not only the flags
         monkeypatch.chdir(tmp_path)
-        from PIL import Image
-
         for path in [args.init_image, *(args.image_prompts or [])]:
             if path:  # input images the example names: stand-ins, so that only settings are tested
-                Image.new("RGB", (8, 8)).save(tmp_path / path.split(":")[0])
+                stand_in = tmp_path / path.split(":")[0]
+                stand_in.parent.mkdir(parents=True, exist_ok=True)
+                Image.new("RGB", (8, 8)).save(stand_in)
         cfg = generate_config(args)
         assert cfg.output.path
 
 
-def test_python_blocks_compile_and_import_only_public_names():
-    for block in blocks("python"):
-        tree = ast.parse(block)
-        for node in ast.walk(tree):
-            if isinstance(node, ast.ImportFrom) and node.module == "vqclip":
-                assert all(alias.name in vqclip.__all__ for alias in node.names)
+@pytest.mark.parametrize("block", [b for b in BLOCKS if b.lang == "python"], ids=str)
+def test_python_blocks_compile_and_use_the_public_api(block):
+    assert api_misuse(block.body) == []
+
+
+def sandbox(tmp_path: Path) -> tuple[Path, dict]:
+    """A scratch folder with a copy of docs/, and an environment whose PATH finds this vqclip."""
+    shutil.copytree(ROOT / "docs", tmp_path / "docs")
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "VQCLIP_OFFLINE": "1"}
+    return tmp_path, env
+
+
+def execute(block: Block, cwd: Path, env: dict) -> str:
+    argv = ["bash", "-euo", "pipefail", "-c", block.body] if block.lang == "bash" else [
+        sys.executable, "-c", block.body]
+    done = subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, f"{block} failed:\n{done.stderr[-3000:]}"
+    return done.stdout
+
+
+NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
+
+
+def same_output(expected: str, actual: str) -> bool:
+    """Word by word, ignoring column widths. Whole numbers must be equal; a decimal may differ by
+    1e-3, or by 1.5 units of its last printed digit if that is coarser (``99.9%``), since thread
+    counts change the last bits of a float."""
+    exp, act = expected.strip().splitlines(), actual.strip().splitlines()
+    if len(exp) != len(act):
+        return False
+    for e_line, a_line in zip(exp, act):
+        if NUMBER.sub("#", e_line).split() != NUMBER.sub("#", a_line).split():
+            return False
+        for e, a in zip(NUMBER.findall(e_line), NUMBER.findall(a_line)):
+            decimals = len(e.partition(".")[2])
+            tolerance = max(1e-3, 1.5 * 10 ** -decimals) if decimals else 0
+            if abs(float(e) - float(a)) > tolerance:
+                return False
+    return True
+
+
+def test_same_output_tells_apart_what_matters():
+    shown = "   1   0.7902  square-1.png\n   2   0.7876  square-0.png"
+    assert same_output(shown, "  1  0.79025  square-1.png\n  2  0.78761  square-0.png")
+    assert not same_output(shown, "   1   0.7876  square-0.png\n   2   0.7902  square-1.png")
+    assert not same_output(shown, "   1   0.7950  square-1.png\n   2   0.7876  square-0.png")
+    assert same_output("red circle 99.9%", "red circle 100.0%")
+    assert not same_output("red circle 99.9%", "red circle 99.5%")
+
+
+@pytest.mark.parametrize("block", RUN, ids=str)
+def test_run_blocks_run_and_print_what_the_readme_shows(block, tmp_path):
+    cwd, env = sandbox(tmp_path)
+    printed = execute(block, cwd, env)
+    if block.output:
+        assert same_output(block.output.body, printed), f"{block} printed:\n{printed}"
+
+
+def mean_difference(a: Image.Image, b: Image.Image) -> float:
+    a, b = np.asarray(a.convert("RGB"), float), np.asarray(b.convert("RGB"), float)
+    return np.abs(a - b).mean() if a.shape == b.shape else np.inf
+
+
+@pytest.mark.parametrize("block", GALLERY, ids=str)
+def test_gallery_commands_still_make_the_committed_images(block, tmp_path):
+    """The gallery shows the project's real outputs: each command, run again, makes the same files,
+    and their pixels agree to within a mean of 1 level in 255 (rounding across thread counts;
+    another seed or setting differs by tens)."""
+    cwd, env = sandbox(tmp_path)
+    shutil.rmtree(cwd / "docs" / "gallery")
+    execute(block, cwd, env)
+    made = sorted(p.name for p in (cwd / "docs" / "gallery").iterdir())
+    assert made, f"{block} wrote nothing into docs/gallery"
+    for name in made:
+        committed = ROOT / "docs" / "gallery" / name
+        assert committed.is_file(), f"{block} made docs/gallery/{name}, which is not committed"
+        if name.endswith((".png", ".gif")):
+            new_frames = list(ImageSequence.Iterator(Image.open(cwd / "docs" / "gallery" / name)))
+            old_frames = list(ImageSequence.Iterator(Image.open(committed)))
+            assert len(new_frames) == len(old_frames), name
+            for new, old in zip(new_frames, old_frames):
+                assert mean_difference(new, old) <= 1.0, f"docs/gallery/{name} no longer matches"
+
+
+def test_links_and_images_point_at_something():
+    anchors = {re.sub(r"[^\w\- ]", "", h.lower()).replace(" ", "-")
+               for h in re.findall(r"^#+ (.+)$", README, flags=re.M)}
+    for target in re.findall(r"\]\(#([^)]+)\)", README):
+        assert target in anchors, f"no heading for #{target}"
+    for target in re.findall(r'(?:\]\(|src=")((?:docs|notebooks)/[^)"]*)', README):
+        assert (ROOT / target).exists(), f"missing {target}"
 
 
 def test_registry_names_in_the_model_table_exist():
