@@ -99,3 +99,9 @@ def test_oversized_images_are_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 256 pixels > 2x: Pillow's bomb error
     with pytest.raises(ValueError, match="cannot read image .*big.png"):
         load_config(init_image=str(tmp_path / "big.png"))
+
+
+def test_a_torch_device_is_taken_as_its_name():
+    import torch
+
+    assert load_config(preset="shapes", device=torch.device("cpu")).device == "cpu"

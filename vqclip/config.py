@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -272,7 +273,8 @@ def _read_yaml(path: Path) -> DictConfig:
 def _plain(value: Any) -> Any:
     if isinstance(value, tuple):
         return list(value)
-    if isinstance(value, Path):
+    torch = sys.modules.get("torch")  # a torch.device exists only once torch is imported
+    if isinstance(value, Path) or (torch and isinstance(value, torch.device)):
         return str(value)
     return value
 
