@@ -19,9 +19,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import api_misuse
 from PIL import Image, ImageSequence
 
-from conftest import api_misuse
 from vqclip.cli import generate_config, parse_args
 
 ROOT = Path(__file__).parent.parent
@@ -45,13 +45,14 @@ def parse_blocks(text: str) -> list[Block]:
     blocks, i = [], 0
     while i < len(lines):
         if lines[i].lstrip().startswith("```"):
-            assert lines[i].startswith("```"), f"README.md:{i + 1}: indented code fences are not tested"
+            assert lines[i].startswith("```"), f"README.md:{i + 1}: an indented code fence"
             end = lines.index("```", i + 1)
             marker = lines[i - 1].strip() if i and lines[i - 1].startswith("<!--") else None
             blocks.append(Block(i + 1, marker, lines[i][3:].strip(), "\n".join(lines[i + 1:end]) + "\n"))
             i = end
         i += 1
-    for before, after in zip(blocks, blocks[1:]):  # an output block follows its run block directly
+    # an output block follows its run block directly
+    for before, after in zip(blocks, blocks[1:], strict=False):
         if (before.marker == "<!-- test: run -->" and after.marker is None
                 and after.lang in ("", "json") and after.line == before.line + before.body.count("\n") + 2):
             before.output = after
@@ -90,7 +91,7 @@ def test_every_block_is_tested():
                             "<!-- test: gallery -->") or id(block) in OUTPUTS:
             continue
         assert block.marker is None, f"{block}: unknown marker {block.marker}"
-        assert block.lang in ("bash", "python"), f"{block}: a {block.lang or 'plain'} block that no test reads"
+        assert block.lang in ("bash", "python"), f"{block}: a {block.lang or 'plain'} block no test reads"
         if block.lang == "bash":  # parsed below; a script it names must exist
             for line in commands(block):
                 script = re.fullmatch(r"python (scripts/\S+\.py)( .*)?", line)
@@ -149,10 +150,10 @@ def same_output(expected: str, actual: str) -> bool:
     exp, act = expected.strip().splitlines(), actual.strip().splitlines()
     if len(exp) != len(act):
         return False
-    for e_line, a_line in zip(exp, act):
+    for e_line, a_line in zip(exp, act, strict=True):
         if NUMBER.sub("#", e_line).split() != NUMBER.sub("#", a_line).split():
             return False
-        for e, a in zip(NUMBER.findall(e_line), NUMBER.findall(a_line)):
+        for e, a in zip(NUMBER.findall(e_line), NUMBER.findall(a_line), strict=True):
             decimals = len(e.partition(".")[2])
             tolerance = max(1e-3, 1.5 * 10 ** -decimals) if decimals else 0
             if abs(float(e) - float(a)) > tolerance:
@@ -199,7 +200,7 @@ def test_gallery_commands_still_make_the_committed_images(block, tmp_path):
             new_frames = list(ImageSequence.Iterator(Image.open(cwd / "docs" / "gallery" / name)))
             old_frames = list(ImageSequence.Iterator(Image.open(committed)))
             assert len(new_frames) == len(old_frames), name
-            for new, old in zip(new_frames, old_frames):
+            for new, old in zip(new_frames, old_frames, strict=True):
                 assert mean_difference(new, old) <= 1.0, f"docs/gallery/{name} no longer matches"
 
 
