@@ -46,8 +46,11 @@ def _run(job: tuple[str, str, int, str | None]) -> dict:
     result = _gen.generate(prompt, seed=seed)
     seconds = time.perf_counter() - start
     image = result.tensor[0]
+    side = _gen.clip.input_size  # CLIP's verdict on the whole image, at CLIP's input size
     with torch.no_grad():
-        e = F.normalize(_gen.clip.encode_image(image[None]), dim=-1)
+        seen = image[None] if image.shape[-1] == side else F.interpolate(
+            image[None], size=(side, side), mode="bilinear", antialias=True)
+        e = F.normalize(_gen.clip.encode_image(seen), dim=-1)
     verdict = judge(image)
     if save:
         result.images[0].save(Path(save) / f"{colour}-{shape}-{seed}.png")
