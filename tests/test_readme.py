@@ -219,3 +219,23 @@ def test_registry_names_in_the_model_table_exist():
     table = README[README.index("| name | family |"):].split("\n\n")[0]
     table = re.findall(r"^\| `([^`]+)` \|", table, flags=re.M)
     assert set(table) == {*pretrained.VQGAN_MODELS, *pretrained.CLIP_MODELS}
+
+
+def test_the_preset_table_matches_the_presets():
+    from vqclip.config import load_config
+
+    table = README[README.index("| setting | `imagenet` (default) | `shapes` |"):].split("\n\n")[0]
+    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in table.splitlines()[2:]]
+    for column, preset in enumerate(("imagenet", "shapes"), start=1):
+        cfg = load_config(preset=preset)
+        actual = {"models": f"`{cfg.models.vqgan}` + `{cfg.models.clip}/{cfg.models.clip_pretrained}`",
+                  "size": " ".join(map(str, cfg.size)), "steps": cfg.optim.steps, "lr": cfg.optim.lr,
+                  "cutn": cfg.cutouts.cutn, "cut_pow": cfg.cutouts.cut_pow,
+                  "overview": cfg.cutouts.overview, "augments": ", ".join(cfg.cutouts.augments),
+                  "init": cfg.prompts.init}
+        shown = {}
+        for row in rows:
+            keys = re.findall(r"`(\w+)`", row[0]) or [row[0]]
+            values = [row[column]] if len(keys) == 1 else row[column].split(", ")
+            shown.update(zip(keys, values, strict=True))
+        assert shown == {key: str(value) for key, value in actual.items()}, preset
