@@ -26,6 +26,8 @@ from vqclip.cli import generate_config, parse_args
 
 ROOT = Path(__file__).parent.parent
 README = (ROOT / "README.md").read_text()
+CI = ("<!-- ci:install -->", "<!-- ci:test -->")  # the markers, in README order
+RUN_MARK, GALLERY_MARK = "<!-- test: run -->", "<!-- test: gallery -->"
 
 
 @dataclass
@@ -53,7 +55,7 @@ def parse_blocks(text: str) -> list[Block]:
         i += 1
     # an output block follows its run block directly
     for before, after in zip(blocks, blocks[1:], strict=False):
-        if (before.marker == "<!-- test: run -->" and after.marker is None
+        if (before.marker == RUN_MARK and after.marker is None
                 and after.lang in ("", "json") and after.line == before.line + before.body.count("\n") + 2):
             before.output = after
     return blocks
@@ -61,8 +63,8 @@ def parse_blocks(text: str) -> list[Block]:
 
 BLOCKS = parse_blocks(README)
 OUTPUTS = {id(b.output) for b in BLOCKS if b.output}
-RUN = [b for b in BLOCKS if b.marker == "<!-- test: run -->"]
-GALLERY = [b for b in BLOCKS if b.marker == "<!-- test: gallery -->"]
+RUN = [b for b in BLOCKS if b.marker == RUN_MARK]
+GALLERY = [b for b in BLOCKS if b.marker == GALLERY_MARK]
 
 
 def commands(block: Block):
@@ -74,21 +76,19 @@ def commands(block: Block):
 
 def vqclip_commands():
     for block in BLOCKS:
-        if block.lang == "bash" and block.marker not in ("<!-- ci:install -->", "<!-- ci:test -->"):
+        if block.lang == "bash" and block.marker not in CI:
             for line in commands(block):
                 if line.startswith("vqclip "):
                     yield pytest.param(shlex.split(line)[1:], id=f"{block}:{line[:60]}")
 
 
 def test_readme_has_the_ci_blocks():
-    assert [b.marker for b in BLOCKS if b.marker and b.marker.startswith("<!-- ci:")] == [
-        "<!-- ci:install -->", "<!-- ci:test -->"]
+    assert [b.marker for b in BLOCKS if b.marker and b.marker.startswith("<!-- ci:")] == list(CI)
 
 
 def test_every_block_is_tested():
     for block in BLOCKS:
-        if block.marker in ("<!-- ci:install -->", "<!-- ci:test -->", "<!-- test: run -->",
-                            "<!-- test: gallery -->") or id(block) in OUTPUTS:
+        if block.marker in (*CI, RUN_MARK, GALLERY_MARK) or id(block) in OUTPUTS:
             continue
         assert block.marker is None, f"{block}: unknown marker {block.marker}"
         assert block.lang in ("bash", "python"), f"{block}: a {block.lang or 'plain'} block no test reads"
