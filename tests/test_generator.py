@@ -234,5 +234,39 @@ def test_flat_init_is_one_code_everywhere(tiny_generator):
         starts[init] = torch.equal(z, z[:, :, :1].expand_as(z))
     assert starts == {"flat": True, "random": False}
     tiny_generator.generate("a plain start", steps=2, init="flat", **SMALL)
-    with pytest.raises(ValueError, match="unknown init 'plain'; available: random, flat"):
+    with pytest.raises(ValueError, match="unknown init 'plain'; available: random, flat, gray"):
         tiny_generator.generate("x", steps=1, init="plain", **SMALL)
+
+
+def test_gray_init_is_a_gray_image_encoded_the_same_for_every_seed(tiny_generator):
+    from vqclip.cutouts import SeedStreams
+
+    cfg = tiny_generator.config.copy()
+    cfg.size, cfg.candidates, cfg.prompts.init = [32, 32], 2, "gray"
+    z = tiny_generator._init_latents(cfg, SeedStreams([1, 2]))
+    gray = tiny_generator.vqgan.encode(torch.full((1, 3, 32, 32), 0.5))
+    assert torch.equal(z[0], z[1]) and torch.allclose(z[:1], gray)
+
+
+def test_denoise_removes_a_speck_and_keeps_a_large_object():
+    # through the round trip of the bundled VQGAN, which keeps a 3-pixel speck (blurred a little)
+    gen = Generator.load(preset="shapes", download=False)
+    vqgan, gen.config.denoise_size = gen.vqgan, 7
+    image = torch.full((1, 3, 64, 64), 0.5)
+    image[:, :, 20:44, 20:44] = torch.tensor([0.9, 0.1, 0.1])[:, None, None]  # a red square
+    image[:, :, 4:7, 50:53] = 1.0  # a white speck
+    z = vqgan.encode(image)
+    before = vqgan.decode(vqgan.quantize_latents(z))
+    gen._denoise(gen.config, z)
+    after = vqgan.decode(vqgan.quantize_latents(z))
+    assert (before[0, :, 4:7, 50:53] - 0.5).abs().max() > 0.3
+    assert (after[0, :, 2:10, 48:56] - 0.5).abs().max() < 0.1
+    assert (after[0, :, 24:40, 24:40] - image[0, :, 24:40, 24:40]).abs().max() < 0.1
+
+
+def test_denoise_setting_runs_and_is_checked(tiny_generator):
+    tiny_generator.generate("a plain start", steps=4, denoise_every=2, denoise_size=3, **SMALL)
+    for bad, match in [(dict(denoise_every=-1), "denoise_every must be >= 0"),
+                       (dict(denoise_size=4), "denoise_size must be an odd number >= 3, got 4")]:
+        with pytest.raises(ValueError, match=match):
+            tiny_generator.generate("x", steps=1, **bad, **SMALL)

@@ -321,7 +321,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _add_generate(sub) -> None:
-    from .config import AUGMENTS, OPTIMIZERS
+    from .config import AUGMENTS, INITS, OPTIMIZERS
 
     p = sub.add_parser(
         "generate", help="make an image from a text prompt",
@@ -354,8 +354,9 @@ def _add_generate(sub) -> None:
     g.add_argument("--image-prompt", dest="image_prompts", action="append", metavar="PATH[:W]")
     g.add_argument("--noise-prompt", dest="noise_prompts", action="append", metavar="SEED:W")
     g.add_argument("--init-image", dest="init_image", metavar="PATH")
-    g.add_argument("--init", choices=["random", "flat"],
-                   help="start without --init-image: random codes per cell, or one flat code")
+    g.add_argument("--init", choices=INITS,
+                   help="start without --init-image: random codes per cell, one flat random code, "
+                        "or a plain gray image")
     g.add_argument("--init-weight", dest="init_weight", type=float)
     g = p.add_argument_group("models")
     g.add_argument("--vqgan", metavar="NAME|CKPT")

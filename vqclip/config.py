@@ -27,7 +27,7 @@ PRESET_DIR = Path(__file__).resolve().parent.parent / "configs"
 DEFAULT_PRESET = "imagenet"
 OPTIMIZERS = ("adam", "adamw", "sgd", "radam", "rmsprop")
 PRECISIONS = ("fp32", "bf16", "fp16")
-INITS = ("random", "flat")
+INITS = ("random", "flat", "gray")
 AUGMENTS = ("affine", "perspective", "jitter", "erasing", "noise", "flip", "sharpness")
 MAX_SIDE = 4096  # pixels; beyond this a VQGAN decoder needs tens of GB for activations
 MAX_CANDIDATES = 64
@@ -52,7 +52,9 @@ class PromptsConfig:
     images: list[str] = field(default_factory=list)  # "path[:weight]"
     noise: list[str] = field(default_factory=list)  # "seed:weight"
     init_image: Optional[str] = None
-    init: str = "random"  # without init_image: "random" codes per latent cell, or one "flat" code
+    # without init_image: "random" codes per latent cell, one "flat" random code everywhere, or
+    # a plain mid-"gray" image encoded (the same start for every seed)
+    init: str = "random"
     init_weight: float = 0.0  # pulls z toward its start (the init image's latents, or the random init)
 
 
@@ -88,6 +90,10 @@ class GenerateConfig:
     device: str = "auto"
     precision: str = "fp32"  # bf16/fp16: decoder and CLIP under torch.autocast; z and losses stay fp32
     tv_weight: float = 0.0  # total-variation prior: favours flat regions
+    # every N steps, median-filter the image and encode it back into the latents (0: never):
+    # a prior for flat regions and smooth outlines that removes specks and ragged edges
+    denoise_every: int = 0
+    denoise_size: int = 5  # the median filter's side in pixels (odd)
     preset: Optional[str] = None  # informational: the preset these settings started from
     models: ModelsConfig = field(default_factory=ModelsConfig)
     prompts: PromptsConfig = field(default_factory=PromptsConfig)
@@ -109,7 +115,8 @@ FLAT_KEYS = {
     "rank_clip": "models.rank_clip",
     "output": "output.path", "video": "output.video", "save_every": "output.save_every",
     "overwrite": "output.overwrite",
-    **{k: k for k in ("seed", "size", "candidates", "device", "precision", "tv_weight")},
+    **{k: k for k in ("seed", "size", "candidates", "device", "precision", "tv_weight",
+                                 "denoise_every", "denoise_size")},
 }
 
 
@@ -208,6 +215,9 @@ def check_config(cfg: DictConfig) -> None:
         need(name in AUGMENTS, f"unknown augmentation {name!r}; available: {', '.join(AUGMENTS)}")
     need(cfg.prompts.init_weight >= 0, f"init_weight must be >= 0, got {cfg.prompts.init_weight}")
     need(cfg.tv_weight >= 0, f"tv_weight must be >= 0, got {cfg.tv_weight}")
+    need(cfg.denoise_every >= 0, f"denoise_every must be >= 0, got {cfg.denoise_every}")
+    need(cfg.denoise_size >= 3 and cfg.denoise_size % 2,
+         f"denoise_size must be an odd number >= 3, got {cfg.denoise_size}")
     rank = cfg.models.rank_clip
     need(rank is None or (rank.count("/") >= 1 and all(rank.split("/", 1))),
          f"rank_clip {rank!r} must be ARCH/TAG (e.g. ViT-B-16/laion2b_s34b_b88k) or "

@@ -6,7 +6,8 @@ Each step, for a batch of K candidates at once:
     3. cut ``cutn`` random crops per candidate, resize them to CLIP's input, augment them;
     4. embed them with CLIP (which normalizes with its mean/std);
     5. sum each prompt's weighted spherical distance (plus the optional init and TV terms);
-    6. backpropagate into z, take an optimizer step, clamp z to the codebook's per-channel range.
+    6. backpropagate into z, take an optimizer step, clamp z to the codebook's per-channel range;
+    7. every ``denoise_every`` steps (if set), median-filter the image and encode it back into z.
 
 Candidate k draws its initial codes and its cutouts from its own stream seeded ``seed + k``,
 and its loss depends on nothing else, so it follows the run a single generation with that seed
@@ -33,6 +34,7 @@ from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
+from kornia.filters import median_blur
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 from tqdm.auto import tqdm
@@ -333,6 +335,8 @@ class Generator:
                     if not torch.isfinite(z).all():  # the update itself can overflow
                         raise GenerationError(f"the latents became NaN or inf in step {step}'s "
                                               f"update; try a lower lr (now {cfg.optim.lr})")
+                    if cfg.denoise_every and (step + 1) % cfg.denoise_every == 0:
+                        self._denoise(cfg, z)
                     torch.clamp_(z.data, lo, hi)
                     losses.append(loss.cpu())
                     bar.update()
@@ -374,6 +378,19 @@ class Generator:
         opt.step()
         return image.detach(), loss.detach()
 
+    @torch.no_grad()
+    def _denoise(self, cfg: DictConfig, z: torch.Tensor) -> None:
+        """Median-filter the current image and put its encoding in ``z``, in place.
+
+        A prior that asks nothing of the prompt: specks smaller than the filter vanish and
+        outlines lose their notches, while the optimizer's state carries on. The straight-through
+        latents are replaced by the encoder's continuous ones, as for an init image.
+        """
+        with self._autocast(cfg):
+            image = self.vqgan.decode(self.vqgan.quantize_latents(z)).float()
+        image = median_blur(image, cfg.denoise_size)
+        z.copy_(self.vqgan.encode(image))
+
     def _autocast(self, cfg: DictConfig):
         """Mixed precision for the decoder and CLIP when ``precision`` asks for it (opt-in)."""
         if cfg.precision == "fp32":
@@ -403,8 +420,9 @@ class Generator:
 
     def _init_latents(self, cfg: DictConfig, streams: SeedStreams) -> torch.Tensor:
         (w, h), f, K = cfg.size, self.vqgan.downsample_factor, cfg.candidates
-        if cfg.prompts.init_image:
-            image = to_tensor(load_image(cfg.prompts.init_image, (w, h))).to(self.device)
+        if cfg.prompts.init_image or cfg.prompts.init == "gray":
+            image = (to_tensor(load_image(cfg.prompts.init_image, (w, h))) if cfg.prompts.init_image
+                     else torch.full((1, 3, h, w), 0.5)).to(self.device)
             with torch.no_grad():
                 z = self.vqgan.encode(image)  # (1, D, h/f, w/f)
             return z.expand(K, -1, -1, -1).clone()
