@@ -116,7 +116,7 @@ FLAT_KEYS = {
     "output": "output.path", "video": "output.video", "save_every": "output.save_every",
     "overwrite": "output.overwrite",
     **{k: k for k in ("seed", "size", "candidates", "device", "precision", "tv_weight",
-                                 "denoise_every", "denoise_size")},
+                      "denoise_every", "denoise_size")},
 }
 
 
