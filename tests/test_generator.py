@@ -251,7 +251,8 @@ def test_gray_init_is_a_gray_image_encoded_the_same_for_every_seed(tiny_generato
 def test_denoise_removes_a_speck_and_keeps_a_large_object():
     # through the round trip of the bundled VQGAN, which keeps a 3-pixel speck (blurred a little)
     gen = Generator.load(preset="shapes", download=False)
-    vqgan, gen.config.denoise_size = gen.vqgan, 7
+    gen.config.denoise_size = 7
+    vqgan = gen.vqgan
     image = torch.full((1, 3, 64, 64), 0.5)
     image[:, :, 20:44, 20:44] = torch.tensor([0.9, 0.1, 0.1])[:, None, None]  # a red square
     image[:, :, 4:7, 50:53] = 1.0  # a white speck

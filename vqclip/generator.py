@@ -420,11 +420,14 @@ class Generator:
 
     def _init_latents(self, cfg: DictConfig, streams: SeedStreams) -> torch.Tensor:
         (w, h), f, K = cfg.size, self.vqgan.downsample_factor, cfg.candidates
-        if cfg.prompts.init_image or cfg.prompts.init == "gray":
-            image = (to_tensor(load_image(cfg.prompts.init_image, (w, h))) if cfg.prompts.init_image
-                     else torch.full((1, 3, h, w), 0.5)).to(self.device)
+        image = None  # a start image to encode, the same for every candidate
+        if cfg.prompts.init_image:
+            image = to_tensor(load_image(cfg.prompts.init_image, (w, h)))
+        elif cfg.prompts.init == "gray":
+            image = torch.full((1, 3, h, w), 0.5)
+        if image is not None:
             with torch.no_grad():
-                z = self.vqgan.encode(image)  # (1, D, h/f, w/f)
+                z = self.vqgan.encode(image.to(self.device))  # (1, D, h/f, w/f)
             return z.expand(K, -1, -1, -1).clone()
         codes, n = [], self.vqgan.codebook.shape[0]
         for k in range(K):  # random codes, from each candidate's own stream
