@@ -6,13 +6,17 @@
    and 3 seeds; the pixel-only judge decides, and CLIP's own verdict is compared with it.
    Generation goes through the same `Generator` the CLI uses, loaded once per worker process
    (one torch thread each).
+4. Keep (`--only keep`): the same runs, each started on a clean render of its own prompt
+   (`init_image`) instead of gray. A CLIP whose loss has the true shape as an optimum keeps it;
+   a CLIP that the loop can fool trades it for a blob with a lower loss.
 
-Usage: python scripts/eval_shapes.py [--split test] [--n 960] [--seeds 0 1 2] [--only gen|models]
+Usage: python scripts/eval_shapes.py [--split test] [--n 960] [--seeds 0 1 2] [--only gen|models|keep]
                                      [--workers 2] [--save DIR] [key=value generation overrides]
 """
 
 import argparse
 import sys
+import tempfile
 import time
 from collections import defaultdict
 from concurrent.futures import ProcessPoolExecutor
@@ -23,6 +27,7 @@ import torch.nn.functional as F
 
 from vqclip.generator import Generator
 from vqclip.judge import judge
+from vqclip.shapes import Scene, ShapeObject, render
 from vqclip.train import LABELS, eval_clip, eval_vqgan
 
 TEXTS = [f"a {c} {s}" for c, s in LABELS]
@@ -39,11 +44,21 @@ def _start(overrides: list[str]) -> None:
         _label_embeds = F.normalize(_gen.clip.encode_text(TEXTS), dim=-1)
 
 
-def _run(job: tuple[str, str, int, str | None]) -> dict:
-    colour, shape, seed, save = job
+# keep: where each seed's start render puts the object
+_STARTS = [("small", "top left"), ("large", "centre"), ("small", "bottom right")]
+
+
+def _run(job: tuple[str, str, int, str | None, str | None]) -> dict:
+    colour, shape, seed, save, starts = job
     prompt = f"a {colour} {shape}"
+    overrides = []
+    if starts:  # keep: start on a clean render of the prompt
+        size, position = _STARTS[seed % len(_STARTS)]
+        path = Path(starts) / f"{colour}-{shape}-{seed}.png"
+        render(Scene("gray", (ShapeObject(colour, shape, size, position),))).save(path)
+        overrides = [f"prompts.init_image={path}"]
     start = time.perf_counter()
-    result = _gen.generate(prompt, seed=seed)
+    result = _gen.generate(prompt, seed=seed, overrides=overrides)
     seconds = time.perf_counter() - start
     image = result.tensor[0]
     side = _gen.clip.input_size  # CLIP's verdict on the whole image, at CLIP's input size
@@ -56,7 +71,8 @@ def _run(job: tuple[str, str, int, str | None]) -> dict:
         result.images[0].save(Path(save) / f"{colour}-{shape}-{seed}.png")
     return {"prompt": prompt, "shape": shape, "seed": seed, "ok": verdict.matches(colour, shape),
             "clip_ok": TEXTS[int((e @ _label_embeds.T).argmax())] == prompt, "seconds": seconds,
-            "verdict": f"{verdict.colour or '-'} {verdict.shape or '-'}"}
+            "verdict": f"{verdict.colour or '-'} {verdict.shape or '-'}",
+            "loss_fell": bool(result.losses[-1, 0] < result.losses[0, 0])}
 
 
 def main():
@@ -64,12 +80,12 @@ def main():
     ap.add_argument("--split", default="test")
     ap.add_argument("--n", type=int, default=960)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--only", choices=["gen", "models"])
+    ap.add_argument("--only", choices=["gen", "models", "keep"])
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--save", help="folder for the generated images")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
-    if args.only != "gen":
+    if args.only not in ("gen", "keep"):
         gen = Generator.load(preset="shapes", device="cpu")
         c = eval_clip(gen.clip, n=args.n, split=args.split)
         print(f"CLIP zero-shot on {args.n} {args.split} renders: accuracy {c['accuracy']:.1%} "
@@ -81,9 +97,11 @@ def main():
         return
     if args.save:
         Path(args.save).mkdir(parents=True, exist_ok=True)
-    jobs = [(c, s, seed, args.save) for c, s in LABELS for seed in args.seeds]
-    with ProcessPoolExecutor(args.workers, initializer=_start, initargs=(args.overrides,)) as pool:
-        results = list(pool.map(_run, jobs))
+    with tempfile.TemporaryDirectory() as tmp:
+        starts = tmp if args.only == "keep" else None
+        jobs = [(c, s, seed, args.save, starts) for c, s in LABELS for seed in args.seeds]
+        with ProcessPoolExecutor(args.workers, initializer=_start, initargs=(args.overrides,)) as pool:
+            results = list(pool.map(_run, jobs))
     by_prompt, per_shape = defaultdict(list), defaultdict(list)
     for r in results:
         by_prompt[r["prompt"]].append(r)
@@ -99,6 +117,10 @@ def main():
     agree = [r["ok"] == r["clip_ok"] for r in results]
     print(f"CLIP's verdict agrees with the judge in {sum(agree)}/{len(agree)} = "
           f"{sum(agree) / len(agree):.1%} (CLIP rates {sum(r['clip_ok'] for r in results)} correct)")
+    if args.only == "keep":
+        lost = [r for r in results if not r["ok"]]
+        print(f"started on a clean render, the loop kept it in {sum(ok)}/{len(ok)}; of the "
+              f"{len(lost)} it lost, CLIP's loss fell in {sum(r['loss_fell'] for r in lost)}")
     secs = [r["seconds"] for r in results]
     print(f"seconds per generation (one thread, model already loaded): mean {sum(secs) / len(secs):.1f}, "
           f"max {max(secs):.1f}")
