@@ -8,7 +8,7 @@
    (one torch thread each).
 4. Keep (`--only keep`): the same runs, each started on a clean render of its own prompt
    (`init_image`) instead of gray. A CLIP whose loss has the true shape as an optimum keeps it;
-   a CLIP that the loop can fool trades it for a blob with a lower loss.
+   a CLIP that the loop can fool trades it for a blob that it scores higher.
 
 Usage: python scripts/eval_shapes.py [--split test] [--n 960] [--seeds 0 1 2] [--only gen|models|keep]
                                      [--workers 2] [--save DIR] [key=value generation overrides]
@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from vqclip.generator import Generator
+from vqclip.images import to_tensor
 from vqclip.judge import judge
 from vqclip.shapes import Scene, ShapeObject, render
 from vqclip.train import LABELS, eval_clip, eval_vqgan
@@ -51,12 +52,14 @@ _STARTS = [("small", "top left"), ("large", "centre"), ("small", "bottom right")
 def _run(job: tuple[str, str, int, str | None, str | None]) -> dict:
     colour, shape, seed, save, starts = job
     prompt = f"a {colour} {shape}"
-    overrides = []
+    overrides, start_score = [], None
     if starts:  # keep: start on a clean render of the prompt
         size, position = _STARTS[seed % len(_STARTS)]
         path = Path(starts) / f"{colour}-{shape}-{seed}.png"
-        render(Scene("gray", (ShapeObject(colour, shape, size, position),))).save(path)
+        start_image = render(Scene("gray", (ShapeObject(colour, shape, size, position),)))
+        start_image.save(path)
         overrides = [f"prompts.init_image={path}"]
+        start_score = _gen.scorer.score(to_tensor(start_image), prompt)[0].item()
     start = time.perf_counter()
     result = _gen.generate(prompt, seed=seed, overrides=overrides)
     seconds = time.perf_counter() - start
@@ -72,7 +75,8 @@ def _run(job: tuple[str, str, int, str | None, str | None]) -> dict:
     return {"prompt": prompt, "shape": shape, "seed": seed, "ok": verdict.matches(colour, shape),
             "clip_ok": TEXTS[int((e @ _label_embeds.T).argmax())] == prompt, "seconds": seconds,
             "verdict": f"{verdict.colour or '-'} {verdict.shape or '-'}",
-            "loss_fell": bool(result.losses[-1, 0] < result.losses[0, 0])}
+            # CLIP's score of the whole image, the same measure at the start and the end
+            "score_rose": start_score is not None and result.scores[0] > start_score}
 
 
 def main():
@@ -120,7 +124,8 @@ def main():
     if args.only == "keep":
         lost = [r for r in results if not r["ok"]]
         print(f"started on a clean render, the loop kept it in {sum(ok)}/{len(ok)}; of the "
-              f"{len(lost)} it lost, CLIP's loss fell in {sum(r['loss_fell'] for r in lost)}")
+              f"{len(lost)} it lost, CLIP scores the end above the start in "
+              f"{sum(r['score_rose'] for r in lost)}")
     secs = [r["seconds"] for r in results]
     print(f"seconds per generation (one thread, model already loaded): mean {sum(secs) / len(secs):.1f}, "
           f"max {max(secs):.1f}")
