@@ -348,3 +348,224 @@ def mine_negatives(generator, n: int, seed: int = 0, max_tries: int | None = Non
                 found.append(image)
     found = found[:n]
     return torch.stack(found) if found else torch.empty(0, 3, 64, 64)
+
+
+# ------------------------------------------------------------------- CLIP against the loop itself
+
+
+class _LoopData(torch.utils.data.Dataset):
+    """Step ``i``'s training batch: captioned renders and clutter, made in a worker process."""
+
+    def __init__(self, batch_size: int, clutter: int, seed: int):
+        self.batch_size, self.clutter, self.seed = batch_size, clutter, seed
+
+    def __len__(self) -> int:
+        return 10**9
+
+    def __getitem__(self, step: int):
+        images, texts = _clip_batch(step * self.batch_size, self.batch_size,
+                                    random.Random(self.seed * 10**9 + step))
+        return images, texts, clutter_batch(step * self.clutter, self.clutter)
+
+
+def _judge_job(job):
+    from .judge import judge
+
+    image, colour, shape, age = job
+    return image, colour, shape, age, judge(image).matches(colour, shape)
+
+
+class _Ring:
+    """The last ``size`` rows pushed (images and label indices), sampled uniformly."""
+
+    def __init__(self, size: int):
+        self.size, self.rows, self.labels, self.next = size, None, None, 0
+
+    def __len__(self) -> int:
+        return 0 if self.rows is None else min(self.next, self.size)
+
+    def push(self, rows: torch.Tensor, labels: torch.Tensor) -> None:
+        if self.rows is None:
+            self.rows = rows.new_zeros(self.size, *rows.shape[1:])
+            self.labels = labels.new_zeros(self.size)
+        for row, label in zip(rows, labels, strict=True):
+            self.rows[self.next % self.size], self.labels[self.next % self.size] = row, label
+            self.next += 1
+
+    def sample(self, n: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        if not len(self) or not n:
+            return torch.empty(0), torch.empty(0, dtype=torch.long)
+        i = torch.randint(len(self), (min(n, len(self)),), generator=g)
+        return self.rows[i.to(self.rows.device)], self.labels[i.to(self.labels.device)]
+
+
+def train_clip_on_loop(out: str | Path, init: str | Path | None = None, steps: int = 1000,
+                       chains: int = 256, chain_steps: int = 2, batch_size: int = 256,
+                       negatives: int = 128, positives: int = 32, clutter: int = 48,
+                       lr: float = 2e-4, seed: int = 0, device: str = "auto", save_every: int = 100,
+                       judge_every: int = 20, workers: int = 4, time_limit: float | None = None,
+                       loop_overrides: tuple[str, ...] = (), log_file: str | Path | None = None,
+                       log_every: int = 10, progress: bool = True) -> Path:
+    """Fine-tune the tiny CLIP against the shapes preset's own generation loop, online.
+
+    ``chains`` runs of the loop (its settings, from gray, on random "a {colour} {shape}" prompts)
+    advance ``chain_steps`` steps between two CLIP updates, always against the current CLIP, and
+    start afresh when done. Every ``judge_every`` steps of a run, and at its end, the pixel-only
+    judge reads its image: a rejected one joins a bank of negatives (it matches no caption), an
+    accepted final one a bank of positives with its prompt. Each CLIP update is the contrastive
+    loss of :func:`train_clip` on fresh renders with clutter and samples of both banks. This is
+    adversarial mining with the real attack, as short-run MCMC trains an energy model
+    (Nijkamp et al. 2019): the loop's failures are what the CLIP learns to score low.
+
+    Args:
+        init: the CLIP to start from (default: the shipped one).
+        loop_overrides: ``key=value`` generation settings for the chains (default: the preset's).
+        time_limit: stop (and save) after this many seconds.
+    Returns the path of the saved weights (written every ``save_every`` steps and at the end).
+    """
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    from kornia.filters import median_blur
+
+    from .cutouts import MakeCutouts
+    from .generator import Generator
+    from .losses import spherical_distance
+
+    out = Path(out)
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    models = {} if init is None else {
+        "clip_pretrained": str(init), "clip_config": str(Path(out.parent) / f"{SHAPES_CLIP_ARCH}.json")}
+    if init is not None:
+        register_shapes_clip(out.parent)
+    gen = Generator.load(preset="shapes", device=device, overrides=list(loop_overrides), **models)
+    cfg, vq, clip = gen.config, gen.vqgan, gen.clip
+    dev = clip.device
+    if cfg.optim.name != "adam" or cfg.prompts.init != "gray" or cfg.prompts.init_image:
+        raise ValueError("the chains follow the shapes preset's loop: adam from a gray start")
+    T, every = cfg.optim.steps, cfg.denoise_every
+    cutouts = MakeCutouts(clip.input_size, cfg.cutouts.cutn, cfg.cutouts.cut_pow,
+                          cfg.cutouts.augments, cfg.cutouts.overview)
+    augs = build_augments(cfg.cutouts.augments)
+    model = clip.model
+    model.requires_grad_(True)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1, betas=(0.9, 0.98))
+    warmup = max(1, min(100, steps // 10))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (i + 1) / warmup))
+    amp = torch.autocast(dev.type, dtype=torch.bfloat16)
+    texts24 = [f"a {c} {s}" for c, s in LABELS]
+
+    # the chains: latents, Adam's moments and step counts, ages, prompts
+    codebook = vq.codebook
+    lo, hi = codebook.min(0).values.view(1, -1, 1, 1), codebook.max(0).values.view(1, -1, 1, 1)
+    w, h = cfg.size
+    with torch.no_grad():
+        gray = vq.encode(torch.full((1, 3, h, w), 0.5, device=dev))
+    z = gray.repeat(chains, 1, 1, 1)
+    m, v = torch.zeros_like(z), torch.zeros_like(z)
+    t = torch.zeros(chains, 1, 1, 1, device=dev)
+    age = torch.randint(0, T, (chains,), generator=g)  # staggered, for a steady flow of images
+    label = torch.randint(len(LABELS), (chains,), generator=g)
+    b1, b2, eps = 0.9, 0.999, 1e-8  # torch.optim.Adam's defaults, as the loop uses them
+
+    def decode(latents):
+        return vq.decode(vq.quantize_latents(latents.clamp(lo, hi)))
+
+    def chain_step(targets):
+        nonlocal z
+        z = z.detach().requires_grad_()
+        embeds = clip.encode_image(cutouts(vq.decode(vq.quantize_latents(z))))
+        loss = spherical_distance(embeds.view(chains, cfg.cutouts.cutn, -1), targets[:, None])
+        grad, = torch.autograd.grad(loss.mean(1).sum(), z)
+        with torch.no_grad():
+            z = z.detach()
+            t.add_(1)
+            m.mul_(b1).add_(grad, alpha=1 - b1)
+            v.mul_(b2).addcmul_(grad, grad, value=1 - b2)
+            denom = (v / (1 - b2 ** t)).sqrt().add_(eps)
+            z -= cfg.optim.lr / (1 - b1 ** t) * m / denom
+            age.add_(1)
+            due = (age % every == 0).nonzero()[:, 0].tolist() if every else []
+            if due:
+                image = vq.decode(vq.quantize_latents(z[due]))
+                z[due] = vq.encode(median_blur(image, cfg.denoise_size))
+            z.clamp_(lo, hi)
+
+    data = iter(torch.utils.data.DataLoader(_LoopData(batch_size, clutter, seed), batch_size=None,
+                                            num_workers=workers, prefetch_factor=4,
+                                            persistent_workers=True))
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"),
+                               initializer=torch.set_num_threads, initargs=(1,))
+    pending, neg_bank, pos_bank = [], _Ring(4096), _Ring(1024)
+    finals = []  # (shape, accepted) of the latest finished runs
+    start = time.perf_counter()
+    bar = tqdm(range(steps), disable=not progress, desc="shapes-clip on the loop", unit="step")
+    for step in bar:
+        # 1. the chains advance against the current CLIP
+        model.eval()
+        with torch.no_grad():
+            targets = F.normalize(clip.encode_text([texts24[i] for i in label.tolist()]), dim=-1)
+        for _ in range(chain_steps):
+            chain_step(targets)
+            snap = ((age % judge_every == 0) | (age >= T)).nonzero()[:, 0].tolist()
+            if snap:
+                with torch.no_grad():
+                    images = decode(z[snap]).cpu()
+                pending += [pool.submit(_judge_job, (im, *LABELS[int(label[i])], int(age[i])))
+                            for im, i in zip(images, snap, strict=True)]
+            done = (age >= T).nonzero()[:, 0]
+            if len(done):  # fresh runs on new prompts, from gray
+                z[done], m[done], v[done], t[done], age[done] = gray, 0, 0, 0, 0
+                label[done] = torch.randint(len(LABELS), (len(done),), generator=g)
+                with torch.no_grad():
+                    targets[done.to(dev)] = F.normalize(clip.encode_text(
+                        [texts24[i] for i in label[done].tolist()]), dim=-1)
+        # 2. the judge's verdicts that are ready feed the banks
+        for future in [f for f in pending if f.done()]:
+            pending.remove(future)
+            image, colour, shape, a, ok = future.result()
+            k = torch.tensor([LABELS.index((colour, shape))], device=dev)
+            if not ok:
+                neg_bank.push(image[None].to(dev), k)
+            elif a >= T:
+                pos_bank.push(image[None].to(dev), k)
+            if a >= T:
+                finals.append((shape, ok))
+        finals = finals[-600:]
+        # 3. one CLIP update
+        model.train()
+        images, texts, junk = next(data)
+        pos, pos_labels = pos_bank.sample(positives, g)
+        neg, _ = neg_bank.sample(negatives, g)
+        texts = list(texts) + [texts24[i] for i in pos_labels.tolist()]
+        extra = [x for x in (pos, junk.to(dev), neg) if len(x)]
+        batch_images = augs(torch.cat([images.to(dev), *extra])).clamp(0, 1)
+        same = torch.tensor([[a == b for b in texts] for a in texts], dtype=torch.float32, device=dev)
+        with amp:
+            txt = F.normalize(clip.encode_text(texts).float(), dim=-1)
+            im = F.normalize(clip.encode_image(batch_images).float(), dim=-1)
+        loss = _contrastive(model.logit_scale.exp() * txt @ im.T, same)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, math.log(100))
+        elapsed = time.perf_counter() - start
+        if step % log_every == 0 or step + 1 == steps:
+            rate = {s: [ok for sh, ok in finals if sh == s] for s in SHAPES}
+            record = {"step": step, "loss": round(loss.item(), 4), "negatives": len(neg_bank),
+                      "positives": len(pos_bank), "seconds": round(elapsed, 1),
+                      "finals": len(finals), "accepted": round(sum(ok for _, ok in finals)
+                                                               / max(1, len(finals)), 3),
+                      **{s: round(sum(r) / max(1, len(r)), 3) for s, r in rate.items()}}
+            bar.set_postfix(loss=f"{loss.item():.3f}", ok=record["accepted"])
+            _log(log_file, record)
+        stop = time_limit is not None and elapsed > time_limit
+        if (step + 1) % save_every == 0 or step + 1 == steps or stop:
+            _save(model.state_dict(), out, {"vqclip.clip_arch": SHAPES_CLIP_ARCH})
+        if stop:
+            break
+    pool.shutdown(cancel_futures=True)
+    return out
