@@ -399,11 +399,29 @@ class _Ring:
         return self.rows[i.to(self.rows.device)], self.labels[i.to(self.labels.device)]
 
 
+def _label_renders(per_label: int, seed: int) -> torch.Tensor:
+    """``(24 * per_label, 3, 64, 64)``: each label's object alone, at random sizes, places and
+    backgrounds (label-major)."""
+    from .images import to_tensor
+    from .shapes import BACKGROUNDS, POSITIONS, SIZES, Scene, ShapeObject, render
+
+    rng, images = random.Random(seed), []
+    for colour, shape in LABELS:
+        for _ in range(per_label):
+            position = "centre" if rng.random() < 0.35 else rng.choice(list(POSITIONS)[1:])
+            size = rng.choice(list(SIZES)) if position == "centre" else "small"
+            background = rng.choice([b for b in BACKGROUNDS if b != colour])
+            images.append(to_tensor(render(Scene(background, (ShapeObject(colour, shape, size,
+                                                                           position),)))))
+    return torch.cat(images)
+
+
 def train_clip_on_loop(out: str | Path, init: str | Path | None = None, steps: int = 1000,
                        chains: int = 256, chain_steps: int = 2, batch_size: int = 256,
                        negatives: int = 128, positives: int = 32, clutter: int = 48,
                        lr: float = 2e-4, seed: int = 0, device: str = "auto", save_every: int = 100,
-                       judge_every: int = 20, workers: int = 4, time_limit: float | None = None,
+                       judge_every: int = 30, workers: int = 4, time_limit: float | None = None,
+                       margin_weight: float = 1.0, renders_per_label: int = 48,
                        loop_overrides: tuple[str, ...] = (), log_file: str | Path | None = None,
                        log_every: int = 10, progress: bool = True) -> Path:
     """Fine-tune the tiny CLIP against the shapes preset's own generation loop, online.
@@ -416,6 +434,11 @@ def train_clip_on_loop(out: str | Path, init: str | Path | None = None, steps: i
     loss of :func:`train_clip` on fresh renders with clutter and samples of both banks. This is
     adversarial mining with the real attack, as short-run MCMC trains an energy model
     (Nijkamp et al. 2019): the loop's failures are what the CLIP learns to score low.
+
+    The contrastive loss pushes a negative away from the batch's captions, which seldom include
+    the prompt it was made for. So a second loss (``margin_weight``) ranks each negative below a
+    clean render of its own prompt, as the VQGAN reconstructs it (the loop can only make decoded
+    images), for that prompt's text: the loop's blob must score less than the shape it imitates.
 
     Args:
         init: the CLIP to start from (default: the shipped one).
@@ -455,6 +478,10 @@ def train_clip_on_loop(out: str | Path, init: str | Path | None = None, steps: i
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (i + 1) / warmup))
     amp = torch.autocast(dev.type, dtype=torch.bfloat16)
     texts24 = [f"a {c} {s}" for c, s in LABELS]
+    R = renders_per_label
+    with torch.no_grad():  # (24 * R, 3, H, W): clean renders of each label, through the VQGAN
+        clean = torch.cat([vq.decode(vq.quantize_latents(vq.encode(x.to(dev))))
+                           for x in _label_renders(R, seed).split(256)])
 
     # the chains: latents, Adam's moments and step counts, ages, prompts
     codebook = vq.codebook
@@ -475,7 +502,11 @@ def train_clip_on_loop(out: str | Path, init: str | Path | None = None, steps: i
     def chain_step(targets):
         nonlocal z
         z = z.detach().requires_grad_()
-        embeds = clip.encode_image(cutouts(vq.decode(vq.quantize_latents(z))))
+        image = vq.decode(vq.quantize_latents(z))
+        # at the CLIP's own input size every cutout is the whole image: the same, unlooped
+        cuts = augs(image.repeat_interleave(cfg.cutouts.cutn, 0)) \
+            if image.shape[-1] == image.shape[-2] == clip.input_size else cutouts(image)
+        embeds = clip.encode_image(cuts)
         loss = spherical_distance(embeds.view(chains, cfg.cutouts.cutn, -1), targets[:, None])
         grad, = torch.autograd.grad(loss.mean(1).sum(), z)
         with torch.no_grad():
@@ -504,6 +535,7 @@ def train_clip_on_loop(out: str | Path, init: str | Path | None = None, steps: i
     for step in bar:
         # 1. the chains advance against the current CLIP
         model.eval()
+        tick = time.perf_counter()
         with torch.no_grad():
             targets = F.normalize(clip.encode_text([texts24[i] for i in label.tolist()]), dim=-1)
         for _ in range(chain_steps):
@@ -521,6 +553,7 @@ def train_clip_on_loop(out: str | Path, init: str | Path | None = None, steps: i
                 with torch.no_grad():
                     targets[done.to(dev)] = F.normalize(clip.encode_text(
                         [texts24[i] for i in label[done].tolist()]), dim=-1)
+        chain_seconds = time.perf_counter() - tick
         # 2. the judge's verdicts that are ready feed the banks
         for future in [f for f in pending if f.done()]:
             pending.remove(future)
@@ -537,15 +570,24 @@ def train_clip_on_loop(out: str | Path, init: str | Path | None = None, steps: i
         model.train()
         images, texts, junk = next(data)
         pos, pos_labels = pos_bank.sample(positives, g)
-        neg, _ = neg_bank.sample(negatives, g)
+        neg, neg_labels = neg_bank.sample(negatives, g)
         texts = list(texts) + [texts24[i] for i in pos_labels.tolist()]
         extra = [x for x in (pos, junk.to(dev), neg) if len(x)]
-        batch_images = augs(torch.cat([images.to(dev), *extra])).clamp(0, 1)
+        twins = clean[neg_labels * R + torch.randint(R, neg_labels.shape, device=dev)] \
+            if len(neg) else clean[:0]
+        batch_images = augs(torch.cat([images.to(dev), *extra, twins])).clamp(0, 1)
         same = torch.tensor([[a == b for b in texts] for a in texts], dtype=torch.float32, device=dev)
         with amp:
-            txt = F.normalize(clip.encode_text(texts).float(), dim=-1)
+            txt = F.normalize(clip.encode_text(texts + texts24).float(), dim=-1)
             im = F.normalize(clip.encode_image(batch_images).float(), dim=-1)
-        loss = _contrastive(model.logit_scale.exp() * txt @ im.T, same)
+        scale = model.logit_scale.exp()
+        im, im_twins = im[:len(im) - len(twins)], im[len(im) - len(twins):]
+        txt, txt24 = txt[:len(texts)], txt[len(texts):]
+        loss = _contrastive(scale * txt @ im.T, same)
+        if len(neg) and margin_weight:  # each negative below a clean twin, for its own prompt
+            t_k = txt24[neg_labels]
+            gap = scale * ((t_k * im[len(im) - len(neg):]).sum(-1) - (t_k * im_twins).sum(-1))
+            loss = loss + margin_weight * F.softplus(gap).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -557,6 +599,7 @@ def train_clip_on_loop(out: str | Path, init: str | Path | None = None, steps: i
             rate = {s: [ok for sh, ok in finals if sh == s] for s in SHAPES}
             record = {"step": step, "loss": round(loss.item(), 4), "negatives": len(neg_bank),
                       "positives": len(pos_bank), "seconds": round(elapsed, 1),
+                      "chain_seconds": round(chain_seconds, 3), "pending": len(pending),
                       "finals": len(finals), "accepted": round(sum(ok for _, ok in finals)
                                                                / max(1, len(finals)), 3),
                       **{s: round(sum(r) / max(1, len(r)), 3) for s, r in rate.items()}}
