@@ -108,3 +108,60 @@ def test_adversarial_clip_training_runs_from_the_command_line(tmp_path, capsys):
                  "--adversarial", "0.03", "--clean-weight", "0.5", "--out", str(out), "--threads", "1",
                  "--log", str(log)]) == 0
     assert out.is_file() and len(_losses(log)) == 1
+
+
+def test_clip_fine_tuning_on_the_loop_banks_judged_images_and_repeats(tmp_path):
+    from vqclip.generator import Generator
+    from vqclip.train import train_clip_on_loop
+
+    torch.set_num_threads(1)
+
+    def run(name):
+        # 4 chains of a 4-step loop, judged every 2 steps: each run is judged twice, then restarts
+        log = tmp_path / f"{name}.jsonl"
+        out = train_clip_on_loop(tmp_path / f"{name}.safetensors", steps=5, chains=4, batch_size=8,
+                                 negatives=8, positives=2, clutter=2, renders_per_label=1,
+                                 workers=1, judge_every=2, device="cpu", loop_overrides=("steps=4",),
+                                 progress=False, log_file=log, log_every=1)
+        records = [json.loads(line) for line in log.read_text().splitlines()]
+        return load_clip(SHAPES_CLIP_ARCH, out, config=tmp_path / f"{SHAPES_CLIP_ARCH}.json"), records
+
+    tuned, records = run("a")
+    assert [r["step"] for r in records] == list(range(5))
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in records)
+    # images 2 steps from gray are no shapes: the judge sends them to the negatives
+    assert records[-1]["negatives"] > 0 and records[-1]["finals"] > 0
+    shipped = Generator.load(preset="shapes", device="cpu").clip
+    weights = [tuned.model.state_dict(), shipped.model.state_dict()]
+    assert any(not torch.equal(a, b.to(a.dtype)) for a, b in zip(*map(dict.values, weights),
+                                                                  strict=True))
+    again, records_again = run("b")  # the same seed: the same run, judge in parallel or not
+    assert [r["loss"] for r in records_again] == [r["loss"] for r in records]
+    assert all(torch.equal(a, b) for a, b in zip(tuned.model.state_dict().values(),
+                                                 again.model.state_dict().values(), strict=True))
+
+
+def test_train_command_refuses_options_of_another_model(tmp_path, capsys):
+    from vqclip.cli import main
+
+    for argv, message in ((["shapes-vqgan", "--chains", "8"], "--chains is for shapes-clip-loop"),
+                          (["shapes-clip-loop", "--clutter", "4"], "--clutter is for shapes-clip,"),
+                          (["shapes-vqgan", "--init", "x.safetensors"],
+                           "--init is for shapes-clip and shapes-clip-loop, not shapes-vqgan")):
+        assert main(["-q", "train", *argv, "--out", str(tmp_path / "x.safetensors")]) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, err
+    assert not list(tmp_path.iterdir())
+
+
+def test_train_command_passes_loop_options_through(tmp_path, monkeypatch, capsys):
+    from vqclip import train
+    from vqclip.cli import main
+
+    seen = {}
+    monkeypatch.setattr(train, "train_clip_on_loop", lambda out, **kw: seen.update(kw, out=out) or out)
+    assert main(["-q", "train", "shapes-clip-loop", "--init", "a.safetensors", "--chains", "64",
+                 "--minutes", "1.5", "--device", "cpu", "--steps", "7", "--out",
+                 str(tmp_path / "o.safetensors")]) == 0
+    assert seen["init"] == "a.safetensors" and seen["chains"] == 64 and seen["time_limit"] == 90
+    assert seen["device"] == "cpu" and seen["steps"] == 7 and seen["out"] == tmp_path / "o.safetensors"

@@ -154,11 +154,23 @@ def _generate(cfg, args: argparse.Namespace) -> int:
     return 0
 
 
+# the train options that apply to some models only, and those models
+_TRAIN_ONLY = {"init": ("shapes-clip", "shapes-clip-loop"), "augments": ("shapes-clip",),
+               "clutter": ("shapes-clip",), "negatives": ("shapes-clip",),
+               "adversarial": ("shapes-clip",), "clean_weight": ("shapes-clip",),
+               "chains": ("shapes-clip-loop",), "minutes": ("shapes-clip-loop",),
+               "device": ("shapes-clip-loop",)}
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     import torch
 
     from . import train
 
+    for name, models in _TRAIN_ONLY.items():
+        if getattr(args, name) is not None and args.model not in models:
+            raise ValueError(f"--{name.replace('_', '-')} is for {' and '.join(models)}, "
+                             f"not {args.model}")
     if args.threads:
         torch.set_num_threads(args.threads)
     kw = {k: v for k, v in dict(steps=args.steps, batch_size=args.batch_size, lr=args.lr,
@@ -167,6 +179,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     if args.model == "shapes-vqgan":
         train.train_vqgan(out, progress=not args.quiet, log_file=args.log, **kw)
+    elif args.model == "shapes-clip-loop":
+        kw.update({k: v for k, v in dict(chains=args.chains, device=args.device).items()
+                   if v is not None})
+        if args.minutes is not None:
+            kw["time_limit"] = 60 * args.minutes
+        train.train_clip_on_loop(out, init=args.init, progress=not args.quiet, log_file=args.log, **kw)
     else:
         if args.augments is not None:
             kw["augments"] = tuple(args.augments)
@@ -388,7 +406,9 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Train the tiny VQGAN or CLIP of the shapes preset. Reproducible "
                                    "from --seed; saves a safetensors checkpoint every --save-every "
                                    "steps, so an interrupted run keeps its progress.")
-    p.add_argument("model", choices=["shapes-vqgan", "shapes-clip"])
+    p.add_argument("model", choices=["shapes-vqgan", "shapes-clip", "shapes-clip-loop"],
+                   help="shapes-clip-loop fine-tunes a shapes CLIP (--init, default the shipped "
+                        "one) against the generation loop's own images (docs/shapes.md)")
     p.add_argument("--out", metavar="FILE.safetensors", help="default: <model>.safetensors here")
     p.add_argument("--steps", type=int)
     p.add_argument("--batch-size", dest="batch_size", type=int)
@@ -408,6 +428,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="shapes-clip: train on PGD perturbations up to EPS (L-inf, pixels in 0..1)")
     p.add_argument("--clean-weight", dest="clean_weight", type=float, metavar="W",
                    help="shapes-clip with --adversarial: share of the loss on the clean images")
+    p.add_argument("--chains", type=int, metavar="N",
+                   help="shapes-clip-loop: generation runs side by side (default 256)")
+    p.add_argument("--minutes", type=float, help="shapes-clip-loop: stop and save after this long")
+    p.add_argument("--device", help="shapes-clip-loop: auto (default), cpu, cuda, cuda:N or mps")
     _add_verbosity(p, argparse.SUPPRESS)
     p.set_defaults(func=cmd_train)
 

@@ -458,10 +458,9 @@ def train_clip_on_loop(out: str | Path, init: str | Path | None = None, steps: i
     out = Path(out)
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
-    models = {} if init is None else {
-        "clip_pretrained": str(init), "clip_config": str(Path(out.parent) / f"{SHAPES_CLIP_ARCH}.json")}
-    if init is not None:
-        register_shapes_clip(out.parent)
+    config = register_shapes_clip(out.parent)  # beside the output, as train_clip does
+    models = {} if init is None else {"clip_pretrained": str(init), "clip_config": str(
+        out.parent / f"{config}.json")}
     gen = Generator.load(preset="shapes", device=device, overrides=list(loop_overrides), **models)
     cfg, vq, clip = gen.config, gen.vqgan, gen.clip
     dev = clip.device
@@ -528,6 +527,8 @@ def train_clip_on_loop(out: str | Path, init: str | Path | None = None, steps: i
                                             persistent_workers=True))
     pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"),
                                initializer=torch.set_num_threads, initargs=(1,))
+    # the judge works in other processes while the chains advance; a step uses the verdicts on
+    # the images of the step before it, all of them and in order, so that runs are repeatable
     pending, neg_bank, pos_bank = [], _Ring(4096), _Ring(1024)
     finals = []  # (shape, accepted) of the latest finished runs
     start = time.perf_counter()
@@ -536,6 +537,7 @@ def train_clip_on_loop(out: str | Path, init: str | Path | None = None, steps: i
         # 1. the chains advance against the current CLIP
         model.eval()
         tick = time.perf_counter()
+        judged, pending = pending, []
         with torch.no_grad():
             targets = F.normalize(clip.encode_text([texts24[i] for i in label.tolist()]), dim=-1)
         for _ in range(chain_steps):
@@ -554,9 +556,8 @@ def train_clip_on_loop(out: str | Path, init: str | Path | None = None, steps: i
                     targets[done.to(dev)] = F.normalize(clip.encode_text(
                         [texts24[i] for i in label[done].tolist()]), dim=-1)
         chain_seconds = time.perf_counter() - tick
-        # 2. the judge's verdicts that are ready feed the banks
-        for future in [f for f in pending if f.done()]:
-            pending.remove(future)
+        # 2. the verdicts on the last step's images feed the banks
+        for future in judged:
             image, colour, shape, a, ok = future.result()
             k = torch.tensor([LABELS.index((colour, shape))], device=dev)
             if not ok:
@@ -599,7 +600,7 @@ def train_clip_on_loop(out: str | Path, init: str | Path | None = None, steps: i
             rate = {s: [ok for sh, ok in finals if sh == s] for s in SHAPES}
             record = {"step": step, "loss": round(loss.item(), 4), "negatives": len(neg_bank),
                       "positives": len(pos_bank), "seconds": round(elapsed, 1),
-                      "chain_seconds": round(chain_seconds, 3), "pending": len(pending),
+                      "chain_seconds": round(chain_seconds, 3),
                       "finals": len(finals), "accepted": round(sum(ok for _, ok in finals)
                                                                / max(1, len(finals)), 3),
                       **{s: round(sum(r) / max(1, len(r)), 3) for s, r in rate.items()}}
