@@ -1,6 +1,6 @@
 """Benchmark: images per second that the Scorer encodes, and search with a cold and a warm cache.
 
-Models: the bundled ``vqclip-shapes/v1``, or ViT-B-32 built by open_clip with random weights
+Models: the bundled ``vqclip-shapes/v2``, or ViT-B-32 built by open_clip with random weights
 (QuickGELU, as the OpenAI weights use; random weights cost exactly what trained ones do, and the
 real ones cannot be downloaded here). Three figures per model:
 
@@ -30,7 +30,7 @@ from vqclip.shapes import batch
 
 def build(model: str, device: str) -> CLIP:
     if model == "shapes":
-        return load_clip("vqclip-shapes/v1", device=device, download=False)
+        return load_clip("vqclip-shapes/v2", device=device, download=False)
     import open_clip
 
     m = open_clip.create_model(model, force_quick_gelu=True).eval().requires_grad_(False).to(device)

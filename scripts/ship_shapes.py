@@ -5,10 +5,11 @@ Weights are stored in fp16 to stay well under the 20 MB budget; the loaders cast
 fp32. Each model's config sits beside its weights: a taming-format model.yaml for the VQGAN, an
 open_clip model-config JSON for CLIP.
 
-Usage: python scripts/ship_shapes.py VQGAN.safetensors CLIP.safetensors
+Usage: python scripts/ship_shapes.py [--vqgan VQGAN.safetensors] [--clip CLIP.safetensors]
+                                     [--clip-tag v2]
 """
 
-import sys
+import argparse
 from pathlib import Path
 
 import yaml
@@ -17,7 +18,7 @@ from vqclip.checkpoints import read_state_dict, save_safetensors
 from vqclip.pretrained import PROJECT_CHECKPOINTS, sha256sum
 from vqclip.train import SHAPES_CLIP_ARCH, SHAPES_CLIP_CONFIG, SHAPES_VQGAN_CONFIG
 
-VQGAN_NAME, CLIP_NAME = "shapes_f4_512", f"{SHAPES_CLIP_ARCH}/v1"
+VQGAN_NAME = "shapes_f4_512"
 
 
 def taming_yaml() -> str:
@@ -41,10 +42,18 @@ def ship(src: Path, folder: Path, weights: str, extra: dict[str, str]) -> None:
 def main():
     import json
 
-    vqgan, clip = map(Path, sys.argv[1:3])
-    ship(vqgan, PROJECT_CHECKPOINTS / VQGAN_NAME, "vqgan.safetensors", {"model.yaml": taming_yaml()})
-    ship(clip, PROJECT_CHECKPOINTS / CLIP_NAME.replace("/", "--"), "open_clip_model.safetensors",
-         {f"{SHAPES_CLIP_ARCH}.json": json.dumps(SHAPES_CLIP_CONFIG, indent=2) + "\n"})
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--vqgan", type=Path)
+    ap.add_argument("--clip", type=Path)
+    ap.add_argument("--clip-tag", default="v2", help="the CLIP's registry tag (vqclip-shapes/TAG)")
+    args = ap.parse_args()
+    if args.vqgan:
+        ship(args.vqgan, PROJECT_CHECKPOINTS / VQGAN_NAME, "vqgan.safetensors",
+             {"model.yaml": taming_yaml()})
+    if args.clip:
+        ship(args.clip, PROJECT_CHECKPOINTS / f"{SHAPES_CLIP_ARCH}--{args.clip_tag}",
+             "open_clip_model.safetensors",
+             {f"{SHAPES_CLIP_ARCH}.json": json.dumps(SHAPES_CLIP_CONFIG, indent=2) + "\n"})
 
 
 if __name__ == "__main__":

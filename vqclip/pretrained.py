@@ -131,8 +131,8 @@ CLIP_MODELS: dict[str, dict] = {
             "https://huggingface.co/laion/CLIP-ViT-B-16-laion2B-s34B-b88K/resolve/main/open_clip_model.safetensors",
             "open_clip_model.safetensors")},
     },
-    "vqclip-shapes/v1": {
-        "arch": "vqclip-shapes", "pretrained": "v1", "quick_gelu": False, "bundled": True,
+    "vqclip-shapes/v2": {
+        "arch": "vqclip-shapes", "pretrained": "v2", "quick_gelu": False, "bundled": True,
         "description": "tiny CLIP of the shapes world, 64 px (vqclip's own, bundled): the offline preset",
         "license": _BUNDLED_LICENSE,
         "files": {
@@ -141,7 +141,7 @@ CLIP_MODELS: dict[str, dict] = {
                 "db7cc6610b36637eea9a46d645929d8d80fa4c447adb85c49364f6f39a570c90", 265),
             "weights": RemoteFile(
                 "", "open_clip_model.safetensors",
-                "bfce257a957000f01864e8aad8bc7a0c1acbf1b0fa153f1db5a40dc640804bb0", 8316666),
+                "245d0ca1545cd18dcaacb2a32332b101216feb5a8aed7077166173bdcd390dcf", 8316666),
         },
     },
 }
