@@ -135,7 +135,7 @@ def test_clip_fine_tuning_on_the_loop_banks_judged_images_and_repeats(tmp_path):
     weights = [tuned.model.state_dict(), shipped.model.state_dict()]
     assert any(not torch.equal(a, b.to(a.dtype)) for a, b in zip(*map(dict.values, weights),
                                                                   strict=True))
-    again, records_again = run("b")  # the same seed: the same run, judge in parallel or not
+    again, records_again = run("b")  # the same seed: the same run, the judge's timing aside
     assert [r["loss"] for r in records_again] == [r["loss"] for r in records]
     assert all(torch.equal(a, b) for a, b in zip(tuned.model.state_dict().values(),
                                                  again.model.state_dict().values(), strict=True))

@@ -410,14 +410,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="shapes-clip-loop fine-tunes a shapes CLIP (--init, default the shipped "
                         "one) against the generation loop's own images (docs/shapes.md)")
     p.add_argument("--out", metavar="FILE.safetensors", help="default: <model>.safetensors here")
-    p.add_argument("--steps", type=int)
-    p.add_argument("--batch-size", dest="batch_size", type=int)
-    p.add_argument("--lr", type=float)
+    p.add_argument("--steps", type=int, help="default: 6000, 4000, 1000 (in the order of the models)")
+    p.add_argument("--batch-size", dest="batch_size", type=int, help="default: 32, 128, 256")
+    p.add_argument("--lr", type=float, help="default: 1e-3, 1e-3, 2e-4")
     p.add_argument("--seed", type=int)
     p.add_argument("--save-every", dest="save_every", type=int)
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--log", metavar="FILE.jsonl", help="append loss records here")
-    p.add_argument("--init", metavar="FILE.safetensors", help="shapes-clip: continue from these")
+    p.add_argument("--init", metavar="FILE.safetensors",
+                   help="shapes-clip, shapes-clip-loop: start from these weights")
     p.add_argument("--augments", type=_names, metavar="A,B",
                    help="shapes-clip: augmentations of the training images (default: affine,noise)")
     p.add_argument("--clutter", type=int, metavar="N",

@@ -371,8 +371,8 @@ class _LoopData(torch.utils.data.Dataset):
 def _judge_job(job):
     from .judge import judge
 
-    image, colour, shape, age = job
-    return image, colour, shape, age, judge(image).matches(colour, shape)
+    image, colour, shape, age, whole = job
+    return image, colour, shape, age, whole, judge(image).matches(colour, shape)
 
 
 class _Ring:
@@ -466,6 +466,14 @@ def train_clip_on_loop(out: str | Path, init: str | Path | None = None, steps: i
     dev = clip.device
     if cfg.optim.name != "adam" or cfg.prompts.init != "gray" or cfg.prompts.init_image:
         raise ValueError("the chains follow the shapes preset's loop: adam from a gray start")
+    ignored = [k for k, on in (("prompts.init_weight", cfg.prompts.init_weight),
+                               ("tv_weight", cfg.tv_weight), ("prompts.images", cfg.prompts.images),
+                               ("prompts.noise", cfg.prompts.noise),
+                               ("precision", cfg.precision != "fp32")) if on]
+    if ignored:
+        raise ValueError(f"the chains do not implement {ignored[0]}: leave it at the preset's value")
+    if workers < 1:
+        raise ValueError(f"workers must be at least 1 (the judge runs in them), got {workers}")
     T, every = cfg.optim.steps, cfg.denoise_every
     cutouts = MakeCutouts(clip.input_size, cfg.cutouts.cutn, cfg.cutouts.cut_pow,
                           cfg.cutouts.augments, cfg.cutouts.overview)
@@ -473,7 +481,7 @@ def train_clip_on_loop(out: str | Path, init: str | Path | None = None, steps: i
     model = clip.model
     model.requires_grad_(True)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1, betas=(0.9, 0.98))
-    warmup = max(1, min(100, steps // 10))
+    warmup = min(100, steps)  # the same for every run length, so that runs can be continued
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (i + 1) / warmup))
     amp = torch.autocast(dev.type, dtype=torch.bfloat16)
     texts24 = [f"a {c} {s}" for c, s in LABELS]
@@ -492,6 +500,7 @@ def train_clip_on_loop(out: str | Path, init: str | Path | None = None, steps: i
     m, v = torch.zeros_like(z), torch.zeros_like(z)
     t = torch.zeros(chains, 1, 1, 1, device=dev)
     age = torch.randint(0, T, (chains,), generator=g)  # staggered, for a steady flow of images
+    full = torch.zeros(chains, dtype=torch.bool)  # whether a run began at step 0 (first ones: no)
     label = torch.randint(len(LABELS), (chains,), generator=g)
     b1, b2, eps = 0.9, 0.999, 1e-8  # torch.optim.Adam's defaults, as the loop uses them
 
@@ -525,91 +534,96 @@ def train_clip_on_loop(out: str | Path, init: str | Path | None = None, steps: i
     data = iter(torch.utils.data.DataLoader(_LoopData(batch_size, clutter, seed), batch_size=None,
                                             num_workers=workers, prefetch_factor=4,
                                             persistent_workers=True))
-    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"),
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
                                initializer=torch.set_num_threads, initargs=(1,))
     # the judge works in other processes while the chains advance; a step uses the verdicts on
     # the images of the step before it, all of them and in order, so that runs are repeatable
     pending, neg_bank, pos_bank = [], _Ring(4096), _Ring(1024)
     finals = []  # (shape, accepted) of the latest finished runs
     start = time.perf_counter()
-    bar = tqdm(range(steps), disable=not progress, desc="shapes-clip on the loop", unit="step")
-    for step in bar:
-        # 1. the chains advance against the current CLIP
-        model.eval()
-        tick = time.perf_counter()
-        judged, pending = pending, []
-        with torch.no_grad():
-            targets = F.normalize(clip.encode_text([texts24[i] for i in label.tolist()]), dim=-1)
-        for _ in range(chain_steps):
-            chain_step(targets)
-            snap = ((age % judge_every == 0) | (age >= T)).nonzero()[:, 0].tolist()
-            if snap:
-                with torch.no_grad():
-                    images = decode(z[snap]).cpu()
-                pending += [pool.submit(_judge_job, (im, *LABELS[int(label[i])], int(age[i])))
-                            for im, i in zip(images, snap, strict=True)]
-            done = (age >= T).nonzero()[:, 0]
-            if len(done):  # fresh runs on new prompts, from gray
-                z[done], m[done], v[done], t[done], age[done] = gray, 0, 0, 0, 0
-                label[done] = torch.randint(len(LABELS), (len(done),), generator=g)
-                with torch.no_grad():
-                    targets[done.to(dev)] = F.normalize(clip.encode_text(
-                        [texts24[i] for i in label[done].tolist()]), dim=-1)
-        chain_seconds = time.perf_counter() - tick
-        # 2. the verdicts on the last step's images feed the banks
-        for future in judged:
-            image, colour, shape, a, ok = future.result()
-            k = torch.tensor([LABELS.index((colour, shape))], device=dev)
-            if not ok:
-                neg_bank.push(image[None].to(dev), k)
-            elif a >= T:
-                pos_bank.push(image[None].to(dev), k)
-            if a >= T:
-                finals.append((shape, ok))
-        finals = finals[-600:]
-        # 3. one CLIP update
-        model.train()
-        images, texts, junk = next(data)
-        pos, pos_labels = pos_bank.sample(positives, g)
-        neg, neg_labels = neg_bank.sample(negatives, g)
-        texts = list(texts) + [texts24[i] for i in pos_labels.tolist()]
-        extra = [x for x in (pos, junk.to(dev), neg) if len(x)]
-        twins = clean[neg_labels * R + torch.randint(R, neg_labels.shape, device=dev)] \
-            if len(neg) else clean[:0]
-        batch_images = augs(torch.cat([images.to(dev), *extra, twins])).clamp(0, 1)
-        same = torch.tensor([[a == b for b in texts] for a in texts], dtype=torch.float32, device=dev)
-        with amp:
-            txt = F.normalize(clip.encode_text(texts + texts24).float(), dim=-1)
-            im = F.normalize(clip.encode_image(batch_images).float(), dim=-1)
-        scale = model.logit_scale.exp()
-        im, im_twins = im[:len(im) - len(twins)], im[len(im) - len(twins):]
-        txt, txt24 = txt[:len(texts)], txt[len(texts):]
-        loss = _contrastive(scale * txt @ im.T, same)
-        if len(neg) and margin_weight:  # each negative below a clean twin, for its own prompt
-            t_k = txt24[neg_labels]
-            gap = scale * ((t_k * im[len(im) - len(neg):]).sum(-1) - (t_k * im_twins).sum(-1))
-            loss = loss + margin_weight * F.softplus(gap).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        with torch.no_grad():
-            model.logit_scale.clamp_(0, math.log(100))
-        elapsed = time.perf_counter() - start
-        if step % log_every == 0 or step + 1 == steps:
-            rate = {s: [ok for sh, ok in finals if sh == s] for s in SHAPES}
-            record = {"step": step, "loss": round(loss.item(), 4), "negatives": len(neg_bank),
-                      "positives": len(pos_bank), "seconds": round(elapsed, 1),
-                      "chain_seconds": round(chain_seconds, 3),
-                      "finals": len(finals), "accepted": round(sum(ok for _, ok in finals)
-                                                               / max(1, len(finals)), 3),
-                      **{s: round(sum(r) / max(1, len(r)), 3) for s, r in rate.items()}}
-            bar.set_postfix(loss=f"{loss.item():.3f}", ok=record["accepted"])
-            _log(log_file, record)
-        stop = time_limit is not None and elapsed > time_limit
-        if (step + 1) % save_every == 0 or step + 1 == steps or stop:
-            _save(model.state_dict(), out, {"vqclip.clip_arch": SHAPES_CLIP_ARCH})
-        if stop:
-            break
-    pool.shutdown(cancel_futures=True)
+    try:
+        bar = tqdm(range(steps), disable=not progress, desc="shapes-clip on the loop", unit="step")
+        for step in bar:
+            # 1. the chains advance against the current CLIP
+            model.eval()
+            tick = time.perf_counter()
+            judged, pending = pending, []
+            with torch.no_grad():
+                targets = F.normalize(clip.encode_text([texts24[i] for i in label.tolist()]), dim=-1)
+            for _ in range(chain_steps):
+                chain_step(targets)
+                snap = ((age % judge_every == 0) | (age >= T)).nonzero()[:, 0].tolist()
+                if snap:
+                    with torch.no_grad():
+                        images = decode(z[snap]).cpu()
+                    pending += [pool.submit(_judge_job, (im, *LABELS[int(label[i])], int(age[i]),
+                                                         bool(full[i])))
+                                for im, i in zip(images, snap, strict=True)]
+                done = (age >= T).nonzero()[:, 0]
+                if len(done):  # fresh runs on new prompts, from gray
+                    z[done], m[done], v[done], t[done], age[done], full[done] = gray, 0, 0, 0, 0, True
+                    label[done] = torch.randint(len(LABELS), (len(done),), generator=g)
+                    with torch.no_grad():
+                        targets[done.to(dev)] = F.normalize(clip.encode_text(
+                            [texts24[i] for i in label[done].tolist()]), dim=-1)
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            chain_seconds = time.perf_counter() - tick
+            # 2. the verdicts on the last step's images feed the banks
+            for future in judged:
+                image, colour, shape, a, whole, ok = future.result()
+                k = torch.tensor([LABELS.index((colour, shape))], device=dev)
+                if not ok:
+                    neg_bank.push(image[None].to(dev), k)
+                elif a >= T:
+                    pos_bank.push(image[None].to(dev), k)
+                if a >= T and whole:  # the acceptance rate counts whole runs only
+                    finals.append((shape, ok))
+            finals = finals[-600:]
+            # 3. one CLIP update
+            model.train()
+            images, texts, junk = next(data)
+            pos, pos_labels = pos_bank.sample(positives, g)
+            neg, neg_labels = neg_bank.sample(negatives, g)
+            texts = list(texts) + [texts24[i] for i in pos_labels.tolist()]
+            extra = [x for x in (pos, junk.to(dev), neg) if len(x)]
+            twins = clean[neg_labels * R + torch.randint(R, neg_labels.shape, device=dev)] \
+                if len(neg) else clean[:0]
+            batch_images = augs(torch.cat([images.to(dev), *extra, twins])).clamp(0, 1)
+            same = torch.tensor([[a == b for b in texts] for a in texts], dtype=torch.float32, device=dev)
+            with amp:
+                txt = F.normalize(clip.encode_text(texts + texts24).float(), dim=-1)
+                im = F.normalize(clip.encode_image(batch_images).float(), dim=-1)
+            scale = model.logit_scale.exp()
+            im, im_twins = im[:len(im) - len(twins)], im[len(im) - len(twins):]
+            txt, txt24 = txt[:len(texts)], txt[len(texts):]
+            loss = _contrastive(scale * txt @ im.T, same)
+            if len(neg) and margin_weight:  # each negative below a clean twin, for its own prompt
+                t_k = txt24[neg_labels]
+                gap = scale * ((t_k * im[len(im) - len(neg):]).sum(-1) - (t_k * im_twins).sum(-1))
+                loss = loss + margin_weight * F.softplus(gap).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            with torch.no_grad():
+                model.logit_scale.clamp_(0, math.log(100))
+            elapsed = time.perf_counter() - start
+            if step % log_every == 0 or step + 1 == steps:
+                rate = {s: [ok for sh, ok in finals if sh == s] for s in SHAPES}
+                record = {"step": step, "loss": round(loss.item(), 4), "negatives": len(neg_bank),
+                          "positives": len(pos_bank), "seconds": round(elapsed, 1),
+                          "chain_seconds": round(chain_seconds, 3),
+                          "finals": len(finals), "accepted": round(sum(ok for _, ok in finals)
+                                                                   / max(1, len(finals)), 3),
+                          **{s: round(sum(r) / max(1, len(r)), 3) for s, r in rate.items()}}
+                bar.set_postfix(loss=f"{loss.item():.3f}", ok=record["accepted"])
+                _log(log_file, record)
+            stop = time_limit is not None and elapsed > time_limit
+            if (step + 1) % save_every == 0 or step + 1 == steps or stop:
+                _save(model.state_dict(), out, {"vqclip.clip_arch": SHAPES_CLIP_ARCH})
+            if stop:
+                break
+    finally:  # also on Ctrl-C: the judge's processes end with the run
+        pool.shutdown(cancel_futures=True)
     return out
