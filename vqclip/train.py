@@ -235,18 +235,23 @@ def train_clip(out: str | Path, steps: int = 4000, batch_size: int = 128, lr: fl
             loss = (1 - clean_share) * _contrastive(scale * txt @ encode_image(attacked).T, same)
         if clean_share:
             loss = loss + clean_share * _contrastive(scale * txt @ encode_image(images).T, same)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        with torch.no_grad():
-            model.logit_scale.clamp_(0, math.log(100))
+        _clip_update(model, opt, sched, loss)
         if step % log_every == 0:
             bar.set_postfix(loss=f"{loss.item():.3f}")
             _log(log_file, {"step": step, "loss": loss.item()})
         if (step + 1) % save_every == 0 or step + 1 == steps:
             _save(model.state_dict(), out, {"vqclip.clip_arch": SHAPES_CLIP_ARCH})
     return out
+
+
+def _clip_update(model, opt: torch.optim.Optimizer, sched, loss: torch.Tensor) -> None:
+    """One optimizer step on ``loss``, with CLIP's temperature kept at most 100."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    sched.step()
+    with torch.no_grad():
+        model.logit_scale.clamp_(0, math.log(100))
 
 
 def _contrastive(logits: torch.Tensor, same: torch.Tensor) -> torch.Tensor:
@@ -602,12 +607,7 @@ def train_clip_on_loop(out: str | Path, init: str | Path | None = None, steps: i
                 t_k = txt24[neg_labels]
                 gap = scale * ((t_k * im[len(im) - len(neg):]).sum(-1) - (t_k * im_twins).sum(-1))
                 loss = loss + margin_weight * F.softplus(gap).mean()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            with torch.no_grad():
-                model.logit_scale.clamp_(0, math.log(100))
+            _clip_update(model, opt, sched, loss)
             elapsed = time.perf_counter() - start
             if step % log_every == 0 or step + 1 == steps:
                 rate = {s: [ok for sh, ok in finals if sh == s] for s in SHAPES}
