@@ -91,6 +91,19 @@ def test_bad_names_are_clear_errors(tiny_arch, tmp_path):
         register_clip_config(bad)
 
 
+def test_a_tag_the_registry_lacks_for_a_bundled_architecture_names_the_tags_it_has(monkeypatch):
+    from vqclip import pretrained as registry
+
+    # a bundled architecture is registered with open_clip only when one of its entries loads:
+    # a retired tag (vqclip-shapes/v1, say) must not read as an unknown architecture
+    monkeypatch.setitem(registry.CLIP_MODELS, "zz-shapes/v2", {"arch": "zz-shapes", "files": {}})
+    with pytest.raises(ValueError, match=r"^no registry weights zz-shapes/v1; vqclip's registry "
+                                         r"has: v2$"):
+        load_clip("zz-shapes", "v1")
+    with pytest.raises(ValueError, match="unknown CLIP architecture 'zz-shapes'"):
+        load_clip("zz-shapes", "weights.safetensors")  # a file: the architecture is what is missing
+
+
 def test_registry_weights_not_present_offline_say_what_to_download(monkeypatch):
     monkeypatch.setenv("VQCLIP_OFFLINE", "1")
     with pytest.raises(pretrained.DownloadError, match="vqclip download ViT-B-32/openai.*huggingface.co"):

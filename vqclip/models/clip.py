@@ -126,6 +126,9 @@ def load_clip(arch: str, pretrained: str | Path | None = None, *, device: str | 
     if config is not None:
         register_clip_config(config)
     if arch not in open_clip.list_models():
+        if isinstance(pretrained, str) and any(n.startswith(f"{arch}/") for n in registry.CLIP_MODELS) \
+                and not _is_weights_path(pretrained):  # a bundled architecture, a tag it lacks
+            raise ValueError(_unknown_tag_message(arch, pretrained))
         raise ValueError(f"unknown CLIP architecture {arch!r}; available: "
                          f"{', '.join(sorted(open_clip.list_models()))}")
 
@@ -133,8 +136,7 @@ def load_clip(arch: str, pretrained: str | Path | None = None, *, device: str | 
     if pretrained is not None:
         path = Path(pretrained)
         tag = f"{arch}/{pretrained}"
-        if not (isinstance(pretrained, str) and tag in registry.CLIP_MODELS) and (
-                path.suffix in _WEIGHT_SUFFIXES or path.is_file() or len(path.parts) > 1):
+        if not (isinstance(pretrained, str) and tag in registry.CLIP_MODELS) and _is_weights_path(path):
             if not path.is_file():
                 raise FileNotFoundError(f"CLIP weights not found: {path}")
             weights, name = path, f"{arch}/{path.name}"
@@ -178,6 +180,12 @@ def load_clip(arch: str, pretrained: str | Path | None = None, *, device: str | 
         size = size[0]
     return CLIP(model=model, tokenizer=open_clip.get_tokenizer(arch), input_size=int(size),
                 mean=tuple(pp["mean"]), std=tuple(pp["std"]), name=name, source=source)
+
+
+def _is_weights_path(pretrained: str | Path) -> bool:
+    """Whether ``pretrained`` names a file rather than a registry tag."""
+    path = Path(pretrained)
+    return path.suffix in _WEIGHT_SUFFIXES or path.is_file() or len(path.parts) > 1
 
 
 @contextlib.contextmanager
