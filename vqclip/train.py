@@ -454,8 +454,6 @@ def train_clip_on_loop(out: str | Path, init: str | Path | None = None, steps: i
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
-    from kornia.filters import median_blur
-
     from .cutouts import MakeCutouts
     from .generator import Generator
     from .losses import spherical_distance
@@ -531,9 +529,10 @@ def train_clip_on_loop(out: str | Path, init: str | Path | None = None, steps: i
             z -= cfg.optim.lr / (1 - b1 ** t) * m / denom
             age.add_(1)
             due = (age % every == 0).nonzero()[:, 0].tolist() if every else []
-            if due:
-                image = vq.decode(vq.quantize_latents(z[due]))
-                z[due] = vq.encode(median_blur(image, cfg.denoise_size))
+            if due:  # the loop's own denoising prior, on the runs whose turn it is
+                part = z[due]
+                gen._denoise(cfg, part)
+                z[due] = part
             z.clamp_(lo, hi)
 
     data = iter(torch.utils.data.DataLoader(_LoopData(batch_size, clutter, seed), batch_size=None,
