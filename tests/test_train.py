@@ -146,6 +146,7 @@ def test_train_command_refuses_options_of_another_model(tmp_path, capsys):
 
     for argv, message in ((["shapes-vqgan", "--chains", "8"], "--chains is for shapes-clip-loop"),
                           (["shapes-clip-loop", "--clutter", "4"], "--clutter is for shapes-clip,"),
+                          (["shapes-clip", "--workers", "2"], "--workers is for shapes-clip-loop"),
                           (["shapes-vqgan", "--init", "x.safetensors"],
                            "--init is for shapes-clip and shapes-clip-loop, not shapes-vqgan")):
         assert main(["-q", "train", *argv, "--out", str(tmp_path / "x.safetensors")]) == 2
@@ -161,7 +162,8 @@ def test_train_command_passes_loop_options_through(tmp_path, monkeypatch, capsys
     seen = {}
     monkeypatch.setattr(train, "train_clip_on_loop", lambda out, **kw: seen.update(kw, out=out) or out)
     assert main(["-q", "train", "shapes-clip-loop", "--init", "a.safetensors", "--chains", "64",
-                 "--minutes", "1.5", "--device", "cpu", "--steps", "7", "--out",
+                 "--minutes", "1.5", "--device", "cpu", "--steps", "7", "--workers", "3", "--out",
                  str(tmp_path / "o.safetensors")]) == 0
     assert seen["init"] == "a.safetensors" and seen["chains"] == 64 and seen["time_limit"] == 90
     assert seen["device"] == "cpu" and seen["steps"] == 7 and seen["out"] == tmp_path / "o.safetensors"
+    assert seen["workers"] == 3

@@ -27,7 +27,8 @@ from PIL import Image, ImageDraw
 from .images import to_tensor
 
 __all__ = ["BACKGROUNDS", "CLUTTER", "COLOURS", "POSITIONS", "SHAPES", "SIZES", "Scene", "ShapeObject",
-           "batch", "caption", "captions", "clutter", "clutter_batch", "render", "sample_scene"]
+           "batch", "caption", "captions", "clutter", "clutter_batch", "place_alone", "render",
+           "sample_scene"]
 
 COLOURS = {
     "red": (220, 30, 30), "green": (30, 170, 50), "blue": (30, 70, 225),
@@ -77,19 +78,24 @@ def sample_scene(seed: int, split: str = "train", num_objects: int | None = None
     """The scene for ``seed`` in ``split``: deterministic, and independent across splits."""
     rng = _rng(seed, split)
     n = num_objects or rng.choice((1, 1, 2))
-    if n == 1:  # a third in the centre, where a large object fits
-        positions = ["centre" if rng.random() < 0.35 else rng.choice(list(POSITIONS)[1:])]
-    else:
-        positions = list(rng.choice(_PAIRS))
-    rng.shuffle(positions)
-    objects = []
-    for pos in positions:
-        size = rng.choice(list(SIZES)) if pos == "centre" else "small"  # large only fits there
-        objects.append(ShapeObject(rng.choice(list(COLOURS)), rng.choice(SHAPES), size, pos))
+    if n == 1:
+        placed = [place_alone(rng)]
+    else:  # two small objects on opposite sides or corners
+        placed = [(pos, "small") for pos in rng.choice(_PAIRS)]
+        rng.shuffle(placed)
+    objects = [ShapeObject(rng.choice(list(COLOURS)), rng.choice(SHAPES), size, pos)
+               for pos, size in placed]
     used = {o.colour for o in objects}
     background = rng.choice([c for c in BACKGROUNDS if c not in used])
     jitter = tuple(rng.uniform(-1, 1) for _ in range(3 * n))
     return Scene(background, tuple(objects), jitter)
+
+
+def place_alone(rng: random.Random) -> tuple[str, str]:
+    """The position and size of an object alone in its scene: a third in the centre, the only
+    place where a large object fits."""
+    position = "centre" if rng.random() < 0.35 else rng.choice(list(POSITIONS)[1:])
+    return position, rng.choice(list(SIZES)) if position == "centre" else "small"
 
 
 def render(scene: Scene, size: int = 64, supersample: int = 4) -> Image.Image:

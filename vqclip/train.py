@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import random
 import time
 from pathlib import Path
@@ -408,13 +409,12 @@ def _label_renders(per_label: int, seed: int) -> torch.Tensor:
     """``(24 * per_label, 3, 64, 64)``: each label's object alone, at random sizes, places and
     backgrounds (label-major)."""
     from .images import to_tensor
-    from .shapes import BACKGROUNDS, POSITIONS, SIZES, Scene, ShapeObject, render
+    from .shapes import BACKGROUNDS, Scene, ShapeObject, place_alone, render
 
     rng, images = random.Random(seed), []
     for colour, shape in LABELS:
         for _ in range(per_label):
-            position = "centre" if rng.random() < 0.35 else rng.choice(list(POSITIONS)[1:])
-            size = rng.choice(list(SIZES)) if position == "centre" else "small"
+            position, size = place_alone(rng)
             background = rng.choice([b for b in BACKGROUNDS if b != colour])
             images.append(to_tensor(render(Scene(background, (ShapeObject(colour, shape, size,
                                                                            position),)))))
@@ -425,7 +425,8 @@ def train_clip_on_loop(out: str | Path, init: str | Path | None = None, steps: i
                        chains: int = 256, chain_steps: int = 2, batch_size: int = 256,
                        negatives: int = 128, positives: int = 32, clutter: int = 48,
                        lr: float = 2e-4, seed: int = 0, device: str = "auto", save_every: int = 100,
-                       judge_every: int = 30, workers: int = 4, time_limit: float | None = None,
+                       judge_every: int = 30, workers: int | None = None,
+                       time_limit: float | None = None,
                        margin_weight: float = 1.0, renders_per_label: int = 48,
                        loop_overrides: tuple[str, ...] = (), log_file: str | Path | None = None,
                        log_every: int = 10, progress: bool = True) -> Path:
@@ -448,6 +449,8 @@ def train_clip_on_loop(out: str | Path, init: str | Path | None = None, steps: i
     Args:
         init: the CLIP to start from (default: the shipped one).
         loop_overrides: ``key=value`` generation settings for the chains (default: the preset's).
+        workers: processes that render the training batches and run the judge (default: the
+            CPU count, at most 4).
         time_limit: stop (and save) after this many seconds.
     Returns the path of the saved weights (written every ``save_every`` steps and at the end).
     """
@@ -475,6 +478,9 @@ def train_clip_on_loop(out: str | Path, init: str | Path | None = None, steps: i
                                ("precision", cfg.precision != "fp32")) if on]
     if ignored:
         raise ValueError(f"the chains do not implement {ignored[0]}: leave it at the preset's value")
+    if workers is None:  # the CPUs this process may use, as DataLoader counts them
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        workers = min(4, cpus or 1)
     if workers < 1:
         raise ValueError(f"workers must be at least 1 (the judge runs in them), got {workers}")
     T, every = cfg.optim.steps, cfg.denoise_every
