@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 
 from vqclip.models.clip import load_clip
@@ -141,6 +142,26 @@ def test_clip_fine_tuning_on_the_loop_banks_judged_images_and_repeats(tmp_path):
                                                  again.model.state_dict().values(), strict=True))
 
 
+def test_clip_fine_tuning_on_the_loop_can_start_on_clean_renders(tmp_path):
+    from vqclip.train import train_clip_on_loop
+
+    torch.set_num_threads(1)
+
+    def accepted(start):
+        # one-step runs: from gray no shape forms in one step; from a clean render it survives one
+        log = tmp_path / f"{start}.jsonl"
+        train_clip_on_loop(tmp_path / f"{start}.safetensors", steps=2, chains=8, batch_size=8,
+                           negatives=8, positives=2, clutter=2, renders_per_label=1, workers=1,
+                           judge_every=1, device="cpu", loop_overrides=("optim.steps=1",),
+                           progress=False, log_file=log, log_every=1, start=start)
+        return json.loads(log.read_text().splitlines()[-1])["positives"]
+
+    assert accepted("gray") == 0
+    assert accepted("render") >= 4
+    with pytest.raises(ValueError, match="start must be gray or render"):
+        train_clip_on_loop(tmp_path / "x.safetensors", start="noise", device="cpu")
+
+
 def test_train_command_refuses_options_of_another_model(tmp_path, capsys):
     from vqclip.cli import main
 
@@ -162,8 +183,9 @@ def test_train_command_passes_loop_options_through(tmp_path, monkeypatch, capsys
     seen = {}
     monkeypatch.setattr(train, "train_clip_on_loop", lambda out, **kw: seen.update(kw, out=out) or out)
     assert main(["-q", "train", "shapes-clip-loop", "--init", "a.safetensors", "--chains", "64",
-                 "--minutes", "1.5", "--device", "cpu", "--steps", "7", "--workers", "3", "--out",
+                 "--minutes", "1.5", "--device", "cpu", "--steps", "7", "--workers", "3",
+                 "--start", "render", "--out",
                  str(tmp_path / "o.safetensors")]) == 0
     assert seen["init"] == "a.safetensors" and seen["chains"] == 64 and seen["time_limit"] == 90
     assert seen["device"] == "cpu" and seen["steps"] == 7 and seen["out"] == tmp_path / "o.safetensors"
-    assert seen["workers"] == 3
+    assert seen["workers"] == 3 and seen["start"] == "render"

@@ -159,7 +159,8 @@ _TRAIN_ONLY = {"init": ("shapes-clip", "shapes-clip-loop"), "augments": ("shapes
                "clutter": ("shapes-clip",), "negatives": ("shapes-clip",),
                "adversarial": ("shapes-clip",), "clean_weight": ("shapes-clip",),
                "chains": ("shapes-clip-loop",), "minutes": ("shapes-clip-loop",),
-               "device": ("shapes-clip-loop",), "workers": ("shapes-clip-loop",)}
+               "device": ("shapes-clip-loop",), "workers": ("shapes-clip-loop",),
+               "start": ("shapes-clip-loop",)}
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -181,7 +182,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         train.train_vqgan(out, progress=not args.quiet, log_file=args.log, **kw)
     elif args.model == "shapes-clip-loop":
         kw.update({k: v for k, v in dict(chains=args.chains, device=args.device,
-                                         workers=args.workers).items() if v is not None})
+                                         workers=args.workers, start=args.start).items()
+                   if v is not None})
         if args.minutes is not None:
             kw["time_limit"] = 60 * args.minutes
         train.train_clip_on_loop(out, init=args.init, progress=not args.quiet, log_file=args.log, **kw)
@@ -433,6 +435,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="shapes-clip-loop: generation runs side by side (default 256)")
     p.add_argument("--minutes", type=float, help="shapes-clip-loop: stop and save after this long")
     p.add_argument("--device", help="shapes-clip-loop: auto (default), cpu, cuda, cuda:N or mps")
+    p.add_argument("--start", choices=["gray", "render"],
+                   help="shapes-clip-loop: start each run gray, as generation does (default), or on "
+                        "a clean render of its prompt, so that the failures are the loop's departures "
+                        "from a true shape")
     p.add_argument("--workers", type=int, metavar="N",
                    help="shapes-clip-loop: processes that render batches and run the judge "
                         "(default: the CPU count, at most 4)")

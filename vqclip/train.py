@@ -427,7 +427,7 @@ def train_clip_on_loop(out: str | Path, init: str | Path | None = None, steps: i
                        lr: float = 2e-4, seed: int = 0, device: str = "auto", save_every: int = 100,
                        judge_every: int = 30, workers: int | None = None,
                        time_limit: float | None = None,
-                       margin_weight: float = 1.0, renders_per_label: int = 48,
+                       margin_weight: float = 1.0, renders_per_label: int = 48, start: str = "gray",
                        loop_overrides: tuple[str, ...] = (), log_file: str | Path | None = None,
                        log_every: int = 10, progress: bool = True) -> Path:
     """Fine-tune the tiny CLIP against the shapes preset's own generation loop, online.
@@ -451,6 +451,10 @@ def train_clip_on_loop(out: str | Path, init: str | Path | None = None, steps: i
         loop_overrides: ``key=value`` generation settings for the chains (default: the preset's).
         workers: processes that render the training batches and run the judge (default: the
             CPU count, at most 4).
+        start: where each run starts: ``gray`` (the preset's start, as generation does) or
+            ``render``, a clean render of its own prompt through the VQGAN, as
+            ``scripts/eval_shapes.py --only keep`` does. There every failure is a departure from a
+            true shape that CLIP scored higher, the step the loop takes away from the right answer.
         time_limit: stop (and save) after this many seconds.
     Returns the path of the saved weights (written every ``save_every`` steps and at the end).
     """
@@ -461,6 +465,8 @@ def train_clip_on_loop(out: str | Path, init: str | Path | None = None, steps: i
     from .generator import Generator
     from .losses import spherical_distance
 
+    if start not in ("gray", "render"):
+        raise ValueError(f"start must be gray or render, got {start!r}")
     out = Path(out)
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
@@ -496,8 +502,8 @@ def train_clip_on_loop(out: str | Path, init: str | Path | None = None, steps: i
     texts24 = [f"a {c} {s}" for c, s in LABELS]
     R = renders_per_label
     with torch.no_grad():  # (24 * R, 3, H, W): clean renders of each label, through the VQGAN
-        clean = torch.cat([vq.decode(vq.quantize_latents(vq.encode(x.to(dev))))
-                           for x in _label_renders(R, seed).split(256)])
+        rendered = torch.cat([vq.encode(x.to(dev)) for x in _label_renders(R, seed).split(256)])
+        clean = torch.cat([vq.decode(vq.quantize_latents(x)) for x in rendered.split(256)])
 
     # the chains: latents, Adam's moments and step counts, ages, prompts
     codebook = vq.codebook
@@ -511,6 +517,14 @@ def train_clip_on_loop(out: str | Path, init: str | Path | None = None, steps: i
     age = torch.randint(0, T, (chains,), generator=g)  # staggered, for a steady flow of images
     full = torch.zeros(chains, dtype=torch.bool)  # whether a run began at step 0 (first ones: no)
     label = torch.randint(len(LABELS), (chains,), generator=g)
+
+    def fresh(runs: torch.Tensor) -> torch.Tensor:  # the start latents of these runs
+        if start == "gray":
+            return gray
+        return rendered[(label[runs] * R + torch.randint(R, (len(runs),), generator=g)).to(dev)]
+
+    if start == "render":
+        z = fresh(torch.arange(chains))
     b1, b2, eps = 0.9, 0.999, 1e-8  # torch.optim.Adam's defaults, as the loop uses them
 
     def decode(latents):
@@ -550,7 +564,7 @@ def train_clip_on_loop(out: str | Path, init: str | Path | None = None, steps: i
     # the images of the step before it, all of them and in order, so that runs are repeatable
     pending, neg_bank, pos_bank = [], _Ring(4096), _Ring(1024)
     finals = []  # (shape, accepted) of the latest finished runs
-    start = time.perf_counter()
+    began = time.perf_counter()
     try:
         bar = tqdm(range(steps), disable=not progress, desc="shapes-clip on the loop", unit="step")
         for step in bar:
@@ -570,9 +584,9 @@ def train_clip_on_loop(out: str | Path, init: str | Path | None = None, steps: i
                                                          bool(full[i])))
                                 for im, i in zip(images, snap, strict=True)]
                 done = (age >= T).nonzero()[:, 0]
-                if len(done):  # fresh runs on new prompts, from gray
-                    z[done], m[done], v[done], t[done], age[done], full[done] = gray, 0, 0, 0, 0, True
+                if len(done):  # fresh runs on new prompts
                     label[done] = torch.randint(len(LABELS), (len(done),), generator=g)
+                    z[done], m[done], v[done], t[done], age[done], full[done] = fresh(done), 0, 0, 0, 0, True
                     with torch.no_grad():
                         targets[done.to(dev)] = F.normalize(clip.encode_text(
                             [texts24[i] for i in label[done].tolist()]), dim=-1)
@@ -613,7 +627,7 @@ def train_clip_on_loop(out: str | Path, init: str | Path | None = None, steps: i
                 gap = scale * ((t_k * im[len(im) - len(neg):]).sum(-1) - (t_k * im_twins).sum(-1))
                 loss = loss + margin_weight * F.softplus(gap).mean()
             _clip_update(model, opt, sched, loss)
-            elapsed = time.perf_counter() - start
+            elapsed = time.perf_counter() - began
             if step % log_every == 0 or step + 1 == steps:
                 rate = {s: [ok for sh, ok in finals if sh == s] for s in SHAPES}
                 record = {"step": step, "loss": round(loss.item(), 4), "negatives": len(neg_bank),
