@@ -90,7 +90,7 @@ def main():
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
     if args.only not in ("gen", "keep"):
-        gen = Generator.load(preset="shapes", device="cpu")
+        gen = Generator.load(preset="shapes", device="cpu", overrides=args.overrides)
         c = eval_clip(gen.clip, n=args.n, split=args.split)
         print(f"CLIP zero-shot on {args.n} {args.split} renders: accuracy {c['accuracy']:.1%} "
               f"(colour {c['colour_accuracy']:.1%}, shape {c['shape_accuracy']:.1%})")
