@@ -511,20 +511,18 @@ def train_clip_on_loop(out: str | Path, init: str | Path | None = None, steps: i
     w, h = cfg.size
     with torch.no_grad():
         gray = vq.encode(torch.full((1, 3, h, w), 0.5, device=dev))
-    z = gray.repeat(chains, 1, 1, 1)
-    m, v = torch.zeros_like(z), torch.zeros_like(z)
-    t = torch.zeros(chains, 1, 1, 1, device=dev)
     age = torch.randint(0, T, (chains,), generator=g)  # staggered, for a steady flow of images
     full = torch.zeros(chains, dtype=torch.bool)  # whether a run began at step 0 (first ones: no)
     label = torch.randint(len(LABELS), (chains,), generator=g)
 
-    def fresh(runs: torch.Tensor) -> torch.Tensor:  # the start latents of these runs
+    def fresh(runs: torch.Tensor) -> torch.Tensor:  # the start latents of these runs, for their labels
         if start == "gray":
-            return gray
+            return gray.repeat(len(runs), 1, 1, 1)
         return rendered[(label[runs] * R + torch.randint(R, (len(runs),), generator=g)).to(dev)]
 
-    if start == "render":
-        z = fresh(torch.arange(chains))
+    z = fresh(torch.arange(chains))
+    m, v = torch.zeros_like(z), torch.zeros_like(z)
+    t = torch.zeros(chains, 1, 1, 1, device=dev)
     b1, b2, eps = 0.9, 0.999, 1e-8  # torch.optim.Adam's defaults, as the loop uses them
 
     def decode(latents):
