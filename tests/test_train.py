@@ -176,6 +176,16 @@ def test_train_command_refuses_options_of_another_model(tmp_path, capsys):
     assert not list(tmp_path.iterdir())
 
 
+def test_train_command_refuses_bad_loop_settings_before_writing_anything(tmp_path, capsys):
+    from vqclip.cli import main
+
+    out = tmp_path / "x.safetensors"
+    assert main(["-q", "train", "shapes-clip-loop", "--workers", "0", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "workers must be at least 1" in err and len(err.strip().splitlines()) == 1, err
+    assert not list(tmp_path.iterdir())
+
+
 def test_train_command_passes_loop_options_through(tmp_path, monkeypatch, capsys):
     from vqclip import train
     from vqclip.cli import main

@@ -467,6 +467,11 @@ def train_clip_on_loop(out: str | Path, init: str | Path | None = None, steps: i
 
     if start not in ("gray", "render"):
         raise ValueError(f"start must be gray or render, got {start!r}")
+    if workers is None:  # the CPUs this process may use, as DataLoader counts them
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        workers = min(4, cpus or 1)
+    if workers < 1:
+        raise ValueError(f"workers must be at least 1 (the judge runs in them), got {workers}")
     out = Path(out)
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
@@ -484,11 +489,6 @@ def train_clip_on_loop(out: str | Path, init: str | Path | None = None, steps: i
                                ("precision", cfg.precision != "fp32")) if on]
     if ignored:
         raise ValueError(f"the chains do not implement {ignored[0]}: leave it at the preset's value")
-    if workers is None:  # the CPUs this process may use, as DataLoader counts them
-        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-        workers = min(4, cpus or 1)
-    if workers < 1:
-        raise ValueError(f"workers must be at least 1 (the judge runs in them), got {workers}")
     T, every = cfg.optim.steps, cfg.denoise_every
     cutouts = MakeCutouts(clip.input_size, cfg.cutouts.cutn, cfg.cutouts.cut_pow,
                           cfg.cutouts.augments, cfg.cutouts.overview)
