@@ -27,9 +27,10 @@ import torch.nn.functional as F
 
 from vqclip.generator import Generator
 from vqclip.images import to_tensor
-from vqclip.judge import judge
-from vqclip.shapes import Scene, ShapeObject, render
-from vqclip.train import LABELS, eval_clip, eval_vqgan
+from vqclip.shapes import LABELS, Scene, ShapeObject, render
+from vqclip.shapes.clip_trainer import eval_clip
+from vqclip.shapes.judge import judge
+from vqclip.shapes.vqgan_trainer import eval_vqgan
 
 TEXTS = [f"a {c} {s}" for c, s in LABELS]
 _gen: Generator | None = None

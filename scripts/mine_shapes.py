@@ -18,7 +18,7 @@ import torch
 
 from vqclip.checkpoints import save_safetensors
 from vqclip.generator import Generator
-from vqclip.train import SHAPES_CLIP_ARCH, mine_negatives
+from vqclip.shapes.clip_trainer import SHAPES_CLIP_ARCH, mine_negatives
 
 
 def main():

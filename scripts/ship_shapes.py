@@ -16,7 +16,8 @@ import yaml
 
 from vqclip.checkpoints import read_state_dict, save_safetensors
 from vqclip.pretrained import PROJECT_CHECKPOINTS, sha256sum
-from vqclip.train import SHAPES_CLIP_ARCH, SHAPES_CLIP_CONFIG, SHAPES_VQGAN_CONFIG
+from vqclip.shapes.clip_trainer import SHAPES_CLIP_ARCH, SHAPES_CLIP_CONFIG
+from vqclip.shapes.vqgan_trainer import SHAPES_VQGAN_CONFIG
 
 VQGAN_NAME = "shapes_f4_512"
 

@@ -9,7 +9,7 @@ import pytest
 
 from vqclip import pretrained
 from vqclip.images import load_image, read_png_text
-from vqclip.judge import judge
+from vqclip.shapes.judge import judge
 
 BUNDLED = {name: entry for name, entry in {**pretrained.VQGAN_MODELS, **pretrained.CLIP_MODELS}.items()
            if entry.get("bundled")}

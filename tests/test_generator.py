@@ -258,7 +258,7 @@ def test_denoise_removes_a_speck_and_keeps_a_large_object():
     image[:, :, 4:7, 50:53] = 1.0  # a white speck
     z = vqgan.encode(image)
     before = vqgan.decode(vqgan.quantize_latents(z))
-    gen._denoise(gen.config, z)
+    gen.denoise(gen.config, z)
     after = vqgan.decode(vqgan.quantize_latents(z))
     assert (before[0, :, 4:7, 50:53] - 0.5).abs().max() > 0.3
     assert (after[0, :, 2:10, 48:56] - 0.5).abs().max() < 0.1

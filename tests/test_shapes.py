@@ -5,7 +5,6 @@ import math
 import pytest
 import torch
 
-from vqclip.judge import judge
 from vqclip.shapes import (
     CLUTTER,
     COLOURS,
@@ -17,6 +16,7 @@ from vqclip.shapes import (
     render,
     sample_scene,
 )
+from vqclip.shapes.judge import judge
 
 
 def test_scenes_are_deterministic_and_splits_differ():

@@ -15,7 +15,7 @@ _LAZY = {
     "download": "vqclip.pretrained", "list_models": "vqclip.pretrained",
     "resolve_device": "vqclip.device",
     "GenerateConfig": "vqclip.config", "load_config": "vqclip.config",
-    "Generator": "vqclip.generator", "GenerationResult": "vqclip.generator",
+    "Generator": "vqclip.generator", "GenerationResult": "vqclip.outputs",
     "generate": "vqclip.generator",
     "Scorer": "vqclip.scoring",
 }

@@ -290,9 +290,8 @@ def read_checkpoint(path: str | Path, select: str | None = None) -> Any:
     except CheckpointError as e:
         raise CheckpointError(f"{path}: {e}") from None
     except zipfile.BadZipFile as e:
-        raise CheckpointError(
-            f"{path}: truncated or corrupt checkpoint ({e}); delete it and download it again"
-        ) from None
+        raise CheckpointError(f"{path}: truncated or corrupt checkpoint ({e}); delete it and "
+                              "download it again") from None
     except Exception as e:  # a damaged pickle can fail in many ways; all mean the same to the user
         raise CheckpointError(f"{path}: corrupt checkpoint ({type(e).__name__}: {e})") from None
     if unpickler.refused:

@@ -13,6 +13,9 @@ Candidate k draws its initial codes and its cutouts from its own stream seeded `
 and its loss depends on nothing else, so it follows the run a single generation with that seed
 would, up to floating-point rounding in the batched forward.
 
+What a run returns and writes (:class:`GenerationResult`, the output files' names and the check
+that they can be written) is in :mod:`vqclip.outputs`.
+
 Example:
     >>> gen = Generator.load(preset="imagenet", device="auto")  # doctest: +SKIP
     >>> result = gen.generate("a lighthouse at dusk:1|blurry:-0.3", steps=100, seed=1)
@@ -23,27 +26,22 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import logging
-import math
 import os
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 from kornia.filters import median_blur
 from omegaconf import DictConfig, OmegaConf
-from PIL import Image
 from tqdm.auto import tqdm
 
-from . import __version__
 from .config import GenerateConfig, load_config, require_target
 from .cutouts import MakeCutouts, SeedStreams
-from .images import atomic_path, load_image, save_png, to_pil, to_tensor
+from .images import load_image, to_pil, to_tensor
 from .losses import init_loss, prompt_loss, tv_loss
+from .outputs import GenerationResult, check_outputs, video_frame
 from .prompts import (
     Target,
     embed_texts,
@@ -54,8 +52,7 @@ from .prompts import (
 )
 from .video import VideoWriter, choose_fps
 
-__all__ = ["GenerationError", "GenerationInterrupted", "GenerationResult", "Generator",
-           "check_outputs", "check_precision", "generate", "ranking_path"]
+__all__ = ["GenerationError", "GenerationInterrupted", "Generator", "check_precision", "generate"]
 
 log = logging.getLogger(__name__)
 
@@ -72,97 +69,6 @@ class GenerationInterrupted(KeyboardInterrupt):
     def __init__(self, result: "GenerationResult"):
         super().__init__(f"interrupted after {result.steps_done} steps")
         self.result = result
-
-
-@dataclass
-class GenerationResult:
-    """What a run produced.
-
-    Attributes:
-        images: one PIL image per candidate.
-        tensor: the same, ``(K, 3, H, W)`` in [0, 1] on the CPU.
-        losses: ``(steps_done, K)``, each candidate's loss at every step (before that step's update).
-        seeds: candidate k's seed.
-        config: the resolved config (seed and rounded size filled in).
-        timings: seconds for ``setup`` (prompts, init), ``steps``, ``per_step``, ``rank`` (scoring
-            the results) and ``total``.
-        files: what was written (PNGs, sidecars, ranking, video).
-        scores: each candidate's CLIP score against the text prompt (see
-            :meth:`vqclip.scoring.Scorer.rank`), by ``ranked_by``; None without a text prompt.
-    """
-
-    images: list[Image.Image]
-    tensor: torch.Tensor
-    losses: torch.Tensor
-    seeds: list[int]
-    config: DictConfig
-    timings: dict[str, float]
-    steps_done: int
-    interrupted: bool = False
-    files: list[Path] = field(default_factory=list)
-    scores: list[float] | None = None
-    ranked_by: str | None = None
-
-    @property
-    def order(self) -> list[int]:
-        """Candidate indices, best score first (in candidate order without scores)."""
-        if self.scores is None:
-            return list(range(len(self.images)))
-        return sorted(range(len(self.scores)), key=lambda k: -self.scores[k])
-
-    def info(self, k: int = 0) -> dict[str, Any]:
-        """Candidate k's record: prompt, seed, models and the full resolved config."""
-        c = self.config
-        return {"prompt": c.prompts.text, "seed": self.seeds[k], "candidate": k,
-                "vqgan": c.models.vqgan, "clip": f"{c.models.clip}/{c.models.clip_pretrained}",
-                "steps_done": self.steps_done, "interrupted": self.interrupted,
-                **({"clip_score": round(self.scores[k], 6), "rank": self.order.index(k) + 1,
-                    "ranked_by": self.ranked_by} if self.scores is not None else {}),
-                "vqclip_version": __version__, "config": OmegaConf.to_container(c)}
-
-    def save(self, path: str | Path) -> list[Path]:
-        """Write each candidate as a PNG with its record in text chunks, plus a ``.yaml`` sidecar.
-
-        Candidate k of K > 1 goes to ``<stem>-<k>.png``, and the ranking of the candidates to
-        ``<stem>-ranking.json`` (best first). Every file is written atomically.
-        """
-        written = []
-        paths = candidate_paths(path, len(self.images))
-        for k, path_k in enumerate(paths):
-            path_k.parent.mkdir(parents=True, exist_ok=True)
-            info = self.info(k)
-            text = {key: OmegaConf.to_yaml(value) if isinstance(value, dict) else str(value)
-                    for key, value in info.items()}
-            written.append(save_png(self.images[k], path_k, text))
-            sidecar = path_k.with_suffix(".yaml")
-            with atomic_path(sidecar) as tmp:
-                tmp.write_text(OmegaConf.to_yaml(info))
-            written.append(sidecar)
-        if len(paths) > 1:
-            ranking = ranking_path(path)
-            records = [{"rank": r + 1, "candidate": k, "path": str(paths[k]), "seed": self.seeds[k],
-                        "score": None if self.scores is None else round(self.scores[k], 6)}
-                       for r, k in enumerate(self.order)]
-            with atomic_path(ranking) as tmp:
-                tmp.write_text(json.dumps({"prompt": self.config.prompts.text,
-                                           "ranked_by": self.ranked_by,
-                                           "best": records[0]["path"] if self.scores else None,
-                                           "candidates": records}, indent=2) + "\n")
-            written.append(ranking)
-        self.files.extend(written)
-        return written
-
-
-def candidate_paths(path: str | Path, k: int) -> list[Path]:
-    """``path`` for one candidate; ``<stem>-0.png`` ... ``<stem>-(k-1).png`` for several."""
-    path = Path(path)
-    return [path] if k == 1 else [path.with_name(f"{path.stem}-{i}{path.suffix}") for i in range(k)]
-
-
-def ranking_path(path: str | Path) -> Path:
-    """Where the ranking of several candidates saved as ``path`` goes."""
-    path = Path(path)
-    return path.with_name(f"{path.stem}-ranking.json")
 
 
 def make_optimizer(name: str, params: list[torch.Tensor], lr: float) -> torch.optim.Optimizer:
@@ -336,13 +242,13 @@ class Generator:
                         raise GenerationError(f"the latents became NaN or inf in step {step}'s "
                                               f"update; try a lower lr (now {cfg.optim.lr})")
                     if cfg.denoise_every and (step + 1) % cfg.denoise_every == 0:
-                        self._denoise(cfg, z)
+                        self.denoise(cfg, z)
                     torch.clamp_(z.data, lo, hi)
                     losses.append(loss.cpu())
                     bar.update()
                     bar.set_postfix(loss=f"{loss.mean().item():.4f}")
                     if video is not None and step % cfg.output.save_every == 0:
-                        video.append(_frame(image))
+                        video.append(video_frame(image))
                     if callback is not None:
                         callback(step, {"image": image, "loss": loss, "z": z.detach()})
             except KeyboardInterrupt:
@@ -350,7 +256,7 @@ class Generator:
         with torch.no_grad():
             final = self.vqgan.decode(self.vqgan.quantize_latents(z.clamp(lo, hi)))
         if video is not None:
-            video.append(_frame(final))
+            video.append(video_frame(final))
         return final, losses, interrupted
 
     def _step(self, cfg, step, z, z_init, opt, cutouts, streams, targets):
@@ -379,12 +285,18 @@ class Generator:
         return image.detach(), loss.detach()
 
     @torch.no_grad()
-    def _denoise(self, cfg: DictConfig, z: torch.Tensor) -> None:
+    def denoise(self, cfg: DictConfig, z: torch.Tensor) -> None:
         """Median-filter the current image and put its encoding in ``z``, in place.
 
         A prior that asks nothing of the prompt: specks smaller than the filter vanish and
         outlines lose their notches, while the optimizer's state carries on. The straight-through
-        latents are replaced by the encoder's continuous ones, as for an init image.
+        latents are replaced by the encoder's continuous ones, as for an init image. The loop
+        calls it every ``denoise_every`` steps; other loops (the shapes trainer's) call it too.
+
+        Args:
+            cfg: a resolved config; ``denoise_size`` is the filter's side and ``precision`` the
+                decoder's.
+            z: latents ``(K, D, h, w)`` of this generator's VQGAN, overwritten.
         """
         with self._autocast(cfg):
             image = self.vqgan.decode(self.vqgan.quantize_latents(z)).float()
@@ -453,52 +365,10 @@ def generate(prompt: str | None = None, *, config: DictConfig | dict | None = No
     return gen.generate(callback=callback, progress=progress)
 
 
-def check_outputs(cfg: DictConfig) -> list[Path]:
-    """Check, before any work, that a run's files can be written; returns them.
-
-    Refuses existing files unless ``output.overwrite``, and folders in their place; creates the
-    parent folders and tries writing in each.
-
-    Raises:
-        FileExistsError, IsADirectoryError, PermissionError (all OSError): see messages.
-    """
-    paths = candidate_paths(cfg.output.path, cfg.candidates) if cfg.output.path else []
-    planned = [*paths, *(p.with_suffix(".yaml") for p in paths)]
-    if len(paths) > 1:
-        planned.append(ranking_path(cfg.output.path))
-    if cfg.output.video:
-        planned.append(Path(cfg.output.video))
-    for p in planned:
-        if p.is_dir():
-            raise IsADirectoryError(f"{p} is a folder; give a file name for the output")
-        if p.exists() and not cfg.output.overwrite:
-            raise FileExistsError(f"{p} exists; choose another output or allow overwriting "
-                                  "(--overwrite, output.overwrite=true)")
-    for folder in {p.parent for p in planned}:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / f".vqclip-write-test-{os.getpid()}"
-        try:
-            probe.touch()
-        except OSError as e:
-            raise PermissionError(f"cannot write in {folder}: {e.strerror}") from None
-        probe.unlink()
-    return paths
-
-
 def check_precision(precision: str, device: torch.device) -> None:
     """Raise ValueError if ``precision`` cannot run on ``device``."""
     if precision == "fp16" and device.type == "cpu":
         raise ValueError("precision fp16 needs a GPU; on the CPU use bf16")
-
-
-def _frame(images: torch.Tensor):
-    """A video frame: the candidates side by side in a grid, ``(H, W, 3)`` uint8, even sides."""
-    from torchvision.utils import make_grid
-
-    grid = make_grid(images.detach().float().cpu(), nrow=math.ceil(math.sqrt(len(images))),
-                     padding=2 if len(images) > 1 else 0)
-    grid = F.pad(grid, (0, grid.shape[2] % 2, 0, grid.shape[1] % 2))
-    return grid.clamp(0, 1).mul(255).round().to(torch.uint8).permute(1, 2, 0).numpy()
 
 
 def _memory_errors(cfg: DictConfig, run: Callable[[], GenerationResult]) -> GenerationResult:

@@ -16,8 +16,9 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["CLIP_MODELS", "VQGAN_MODELS", "ChecksumError", "DownloadError", "RemoteFile", "require",
-           "get_cache_dir", "download", "download_file", "list_models", "resolve"]
+__all__ = ["CLIP_MODELS", "PROJECT_CHECKPOINTS", "VQGAN_MODELS", "ChecksumError", "DownloadError",
+           "RemoteFile", "require", "get_cache_dir", "download", "download_file", "list_models",
+           "resolve", "sha256sum"]
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +100,7 @@ VQGAN_MODELS: dict[str, dict] = {
     },
 }
 
-# Trained by this project on its shapes world (vqclip/shapes.py) with `vqclip train`, shipped in
+# Trained by this project on its shapes world (vqclip/shapes/) with `vqclip train`, shipped in
 # checkpoints/ and never downloaded; the README's "shapes world" section has the commands.
 _BUNDLED_LICENSE = "MIT (vqclip; trained by the project)"
 VQGAN_MODELS["shapes_f4_512"] = {

@@ -106,7 +106,7 @@ def load_clip(arch: str, pretrained: str | Path | None = None, *, device: str | 
         A :class:`CLIP` in eval mode with ``requires_grad`` off.
     Raises:
         ValueError: unknown architecture or tag. FileNotFoundError, CheckpointError,
-        DownloadError: see messages.
+        DownloadError: the weights are not in the cache and cannot be fetched.
 
     Example:
         >>> clip = load_clip("ViT-B-32", "openai")  # doctest: +SKIP
@@ -118,6 +118,35 @@ def load_clip(arch: str, pretrained: str | Path | None = None, *, device: str | 
     device = resolve_device(device)
     if pretrained is None and "/" in arch and arch in registry.CLIP_MODELS:
         arch, pretrained = arch.split("/", 1)
+    _check_arch(arch, pretrained, cache_dir=cache_dir, download=download, config=config)
+    weights, quick_gelu, name, preprocess = _find_weights(arch, pretrained, cache_dir=cache_dir,
+                                                          download=download)
+
+    # OpenAI's weights were trained with QuickGELU; pairing them with GELU silently degrades
+    # every embedding (open_clip#771), so the registry records it per entry.
+    with _quiet_random_init(weights is not None):
+        model = open_clip.create_model(arch, pretrained=None, force_quick_gelu=quick_gelu,
+                                       force_preprocess_cfg=preprocess, device="cpu")
+    source = _load_weights(model, arch, weights) if weights is not None else None
+    model = model.eval().requires_grad_(False).to(device)
+
+    pp = open_clip.get_model_preprocess_cfg(model)
+    size = _input_size(arch, pp["size"])  # before the tokenizer: a non-square model stops here
+    return CLIP(model=model, tokenizer=open_clip.get_tokenizer(arch), input_size=size,
+                mean=tuple(pp["mean"]), std=tuple(pp["std"]), name=name, source=source)
+
+
+def _check_arch(arch: str, pretrained: str | Path | None, *, cache_dir: str | Path | None,
+                download: bool, config: str | Path | None) -> None:
+    """Register ``arch``'s model config if it has one, then make sure open_clip knows ``arch``.
+
+    Raises:
+        ValueError: unknown architecture, or a registry architecture without the tag asked for.
+    """
+    import open_clip
+
+    from .. import pretrained as registry
+
     entry = registry.CLIP_MODELS.get(f"{arch}/{pretrained}") if isinstance(pretrained, str) else None
     if config is None and entry is not None and "config" in entry["files"]:
         # a custom architecture whose model config ships beside its weights (the bundled models)
@@ -132,54 +161,63 @@ def load_clip(arch: str, pretrained: str | Path | None = None, *, device: str | 
         raise ValueError(f"unknown CLIP architecture {arch!r}; available: "
                          f"{', '.join(sorted(open_clip.list_models()))}")
 
-    weights, quick_gelu, name, preprocess = None, False, arch, {}
-    if pretrained is not None:
-        path = Path(pretrained)
-        tag = f"{arch}/{pretrained}"
-        if not (isinstance(pretrained, str) and tag in registry.CLIP_MODELS) and _is_weights_path(path):
-            if not path.is_file():
-                raise FileNotFoundError(f"CLIP weights not found: {path}")
-            weights, name = path, f"{arch}/{path.name}"
-        else:
-            name = tag
-            if name not in registry.CLIP_MODELS:
-                raise ValueError(_unknown_tag_message(arch, str(pretrained)))
-            entry = registry.CLIP_MODELS[name]
-            quick_gelu = entry.get("quick_gelu", False)
-            # mean/std: the registry's, else what open_clip records for this tag, else its default
-            tag_cfg = open_clip.get_pretrained_cfg(arch, str(pretrained))
-            preprocess = {k: entry.get(k, tag_cfg.get(k)) for k in ("mean", "std")
-                          if entry.get(k, tag_cfg.get(k)) is not None}
-            weights = registry.resolve(name, cache_dir=cache_dir, allow_download=download)["weights"]
-    else:
+
+def _find_weights(arch: str, pretrained: str | Path | None, *, cache_dir: str | Path | None,
+                  download: bool) -> tuple[Path | None, bool, str, dict]:
+    """Where ``pretrained``'s weights are, and how to build the model for them.
+
+    Returns:
+        The weights file (None for random weights), whether they want QuickGELU, the model's
+        name (``ARCH/TAG`` or ``ARCH/FILE``), and the mean/std to force on open_clip's model.
+    Raises:
+        FileNotFoundError: no such weights file. ValueError: a tag the registry lacks.
+        DownloadError: the weights are not in the cache and cannot be fetched.
+    """
+    import open_clip
+
+    from .. import pretrained as registry
+
+    if pretrained is None:
         log.warning("CLIP %s has random weights (no pretrained weights given)", arch)
+        return None, False, arch, {}
+    path = Path(pretrained)
+    tag = f"{arch}/{pretrained}"
+    if not (isinstance(pretrained, str) and tag in registry.CLIP_MODELS) and _is_weights_path(path):
+        if not path.is_file():
+            raise FileNotFoundError(f"CLIP weights not found: {path}")
+        return path, False, f"{arch}/{path.name}", {}
+    if tag not in registry.CLIP_MODELS:
+        raise ValueError(_unknown_tag_message(arch, str(pretrained)))
+    entry = registry.CLIP_MODELS[tag]
+    # mean/std: the registry's, else what open_clip records for this tag, else its default
+    tag_cfg = open_clip.get_pretrained_cfg(arch, str(pretrained))
+    preprocess = {k: entry.get(k, tag_cfg.get(k)) for k in ("mean", "std")
+                  if entry.get(k, tag_cfg.get(k)) is not None}
+    weights = registry.resolve(tag, cache_dir=cache_dir, allow_download=download)["weights"]
+    return weights, entry.get("quick_gelu", False), tag, preprocess
 
-    # OpenAI's weights were trained with QuickGELU; pairing them with GELU silently degrades
-    # every embedding (open_clip#771), so the registry records it per entry.
-    with _quiet_random_init(weights is not None):
-        model = open_clip.create_model(arch, pretrained=None, force_quick_gelu=quick_gelu,
-                                       force_preprocess_cfg=preprocess, device="cpu")
-    source = None
-    if weights is not None:
-        st = Path(weights).stat()  # weights replaced in place (retrained, say) get a new cache
-        source = f"{arch}:{Path(weights).resolve()}:{st.st_size}:{st.st_mtime_ns}"
-        sd = read_state_dict(weights)
-        if next(iter(sd)).startswith("module."):  # open_clip training checkpoints (DDP)
-            sd = {k.removeprefix("module."): v for k, v in sd.items()}
-        scale = sd.get("logit_scale")
-        if scale is not None and scale.numel() == 1 and scale.ndim != model.logit_scale.ndim:
-            sd["logit_scale"] = scale.reshape(model.logit_scale.shape)  # 0-d vs 1-d across versions
-        load_strict(model, sd, weights, what=f"CLIP {arch}")
-    model = model.eval().requires_grad_(False).to(device)
 
-    pp = open_clip.get_model_preprocess_cfg(model)
-    size = pp["size"]
+def _load_weights(model: nn.Module, arch: str, weights: str | Path) -> str:
+    """Load ``weights`` into ``model`` (strictly); returns their ``source`` for embedding caches."""
+    st = Path(weights).stat()  # weights replaced in place (retrained, say) get a new cache
+    source = f"{arch}:{Path(weights).resolve()}:{st.st_size}:{st.st_mtime_ns}"
+    sd = read_state_dict(weights)
+    if next(iter(sd)).startswith("module."):  # open_clip training checkpoints (DDP)
+        sd = {k.removeprefix("module."): v for k, v in sd.items()}
+    scale = sd.get("logit_scale")
+    if scale is not None and scale.numel() == 1 and scale.ndim != model.logit_scale.ndim:
+        sd["logit_scale"] = scale.reshape(model.logit_scale.shape)  # 0-d vs 1-d across versions
+    load_strict(model, sd, weights, what=f"CLIP {arch}")
+    return source
+
+
+def _input_size(arch: str, size: int | Sequence[int]) -> int:
+    """The side of the square input that open_clip's preprocess config gives."""
     if isinstance(size, (tuple, list)):
         if size[0] != size[1]:
             raise ValueError(f"CLIP {arch}: non-square input {size} is not supported")
         size = size[0]
-    return CLIP(model=model, tokenizer=open_clip.get_tokenizer(arch), input_size=int(size),
-                mean=tuple(pp["mean"]), std=tuple(pp["std"]), name=name, source=source)
+    return int(size)
 
 
 def _is_weights_path(pretrained: str | Path) -> bool:

@@ -33,7 +33,8 @@ from ..checkpoints import (
 )
 from ..device import resolve_device
 
-__all__ = ["VQGAN", "VQGANConfig", "clamp_with_grad", "load_vqgan", "read_vqgan_config"]
+__all__ = ["VQGAN", "VQGANConfig", "clamp_with_grad", "converted_path", "load_vqgan",
+           "read_vqgan_config"]
 
 log = logging.getLogger(__name__)
 

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .shapes import COLOURS
+from .world import COLOURS
 
 __all__ = ["Verdict", "judge"]
 

@@ -7,7 +7,8 @@ import torch
 
 from vqclip.models.clip import load_clip
 from vqclip.models.vqgan import load_vqgan
-from vqclip.train import SHAPES_CLIP_ARCH, SHAPES_VQGAN_CONFIG, train_clip, train_vqgan
+from vqclip.shapes.clip_trainer import SHAPES_CLIP_ARCH, train_clip
+from vqclip.shapes.vqgan_trainer import SHAPES_VQGAN_CONFIG, train_vqgan
 
 
 def _losses(log):
@@ -50,7 +51,7 @@ def test_train_command(tmp_path, capsys):
 
 
 def test_mined_negatives_feed_clip_training(tiny_generator, tmp_path):
-    from vqclip.train import mine_negatives
+    from vqclip.shapes.clip_trainer import mine_negatives
 
     # random tiny models make nothing the judge accepts: every try is a negative
     negatives = mine_negatives(tiny_generator, n=3, steps=1, size=[64, 64], cutn=2)
@@ -87,7 +88,7 @@ def test_train_command_refuses_wrong_files_in_one_line(tmp_path, capsys):
 
 
 def test_attack_stays_within_eps_and_raises_the_loss():
-    from vqclip.train import _attack
+    from vqclip.shapes.clip_trainer import _attack
 
     torch.manual_seed(0)
     w = torch.randn(3 * 8 * 8)
@@ -113,7 +114,7 @@ def test_adversarial_clip_training_runs_from_the_command_line(tmp_path, capsys):
 
 def test_clip_fine_tuning_on_the_loop_banks_judged_images_and_repeats(tmp_path):
     from vqclip.generator import Generator
-    from vqclip.train import train_clip_on_loop
+    from vqclip.shapes.loop_trainer import train_clip_on_loop
 
     torch.set_num_threads(1)
 
@@ -143,7 +144,7 @@ def test_clip_fine_tuning_on_the_loop_banks_judged_images_and_repeats(tmp_path):
 
 
 def test_clip_fine_tuning_on_the_loop_can_start_on_clean_renders(tmp_path):
-    from vqclip.train import train_clip_on_loop
+    from vqclip.shapes.loop_trainer import train_clip_on_loop
 
     torch.set_num_threads(1)
 
@@ -187,11 +188,11 @@ def test_train_command_refuses_bad_loop_settings_before_writing_anything(tmp_pat
 
 
 def test_train_command_passes_loop_options_through(tmp_path, monkeypatch, capsys):
-    from vqclip import train
     from vqclip.cli import main
+    from vqclip.shapes import loop_trainer
 
     seen = {}
-    monkeypatch.setattr(train, "train_clip_on_loop", lambda out, **kw: seen.update(kw, out=out) or out)
+    monkeypatch.setattr(loop_trainer, "train_clip_on_loop", lambda out, **kw: seen.update(kw, out=out) or out)
     assert main(["-q", "train", "shapes-clip-loop", "--init", "a.safetensors", "--chains", "64",
                  "--minutes", "1.5", "--device", "cpu", "--steps", "7", "--workers", "3",
                  "--start", "render", "--out",

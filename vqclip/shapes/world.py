@@ -24,11 +24,11 @@ from dataclasses import dataclass
 import torch
 from PIL import Image, ImageDraw
 
-from .images import to_tensor
+from ..images import to_tensor
 
-__all__ = ["BACKGROUNDS", "CLUTTER", "COLOURS", "POSITIONS", "SHAPES", "SIZES", "Scene", "ShapeObject",
-           "batch", "caption", "captions", "clutter", "clutter_batch", "place_alone", "render",
-           "sample_scene"]
+__all__ = ["BACKGROUNDS", "CLUTTER", "COLOURS", "LABELS", "POSITIONS", "SHAPES", "SIZES", "Scene",
+           "ShapeObject", "batch", "caption", "captions", "clutter", "clutter_batch", "label_renders",
+           "place_alone", "render", "sample_scene"]
 
 COLOURS = {
     "red": (220, 30, 30), "green": (30, 170, 50), "blue": (30, 70, 225),
@@ -37,6 +37,7 @@ COLOURS = {
 }
 BACKGROUNDS = {**COLOURS, "gray": (128, 128, 128)}
 SHAPES = ("circle", "square", "triangle")
+LABELS = [(c, s) for c in COLOURS for s in SHAPES]  # the 24 single-object classes, "a {c} {s}"
 SIZES = {"small": 0.28, "large": 0.55}  # the shape's extent, as a fraction of the image side
 POSITIONS = {  # centre of the object, as fractions of width and height
     "centre": (0.5, 0.5), "left": (0.27, 0.5), "right": (0.73, 0.5), "top": (0.5, 0.27),
@@ -157,6 +158,19 @@ def batch(start: int, n: int, split: str = "train", size: int = 64,
     """Scenes ``start .. start+n-1`` of a split, rendered: ``(n, 3, size, size)`` in [0, 1]."""
     scenes = [sample_scene(start + i, split, num_objects) for i in range(n)]
     return torch.cat([to_tensor(render(s, size)) for s in scenes]), scenes
+
+
+def label_renders(per_label: int, seed: int) -> torch.Tensor:
+    """``(24 * per_label, 3, 64, 64)``: each of the ``LABELS`` as an object alone, at random
+    sizes, places and backgrounds (label-major), deterministic for ``seed``."""
+    rng, images = random.Random(seed), []
+    for colour, shape in LABELS:
+        for _ in range(per_label):
+            position, size = place_alone(rng)
+            background = rng.choice([b for b in BACKGROUNDS if b != colour])
+            images.append(to_tensor(render(Scene(background, (ShapeObject(colour, shape, size,
+                                                                           position),)))))
+    return torch.cat(images)
 
 
 # ------------------------------------------------------------------------------------- clutter

@@ -1,0 +1,178 @@
+"""``vqclip generate``: a text prompt (plus flags and key=value overrides) to images on disk."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import re
+import sys
+import time
+from pathlib import Path
+
+from .common import add_clip_flags, add_verbosity, names
+
+__all__ = ["generate_config", "register"]
+
+log = logging.getLogger("vqclip")
+
+_OVERRIDE = re.compile(r"^([A-Za-z_][\w.]*)=")
+
+
+def register(sub) -> None:
+    from ..config import AUGMENTS, INITS, OPTIMIZERS
+
+    p = sub.add_parser(
+        "generate", help="make an image from a text prompt",
+        description="Optimize VQGAN latents so that CLIP matches the prompts. Settings: the preset, "
+                    "then --config, then flags, then key=value overrides (e.g. optim.lr=0.2).",
+        epilog="Prompt syntax: \"text:weight:stop|other:-0.5\"; only trailing numbers count, "
+               "\\: keeps a colon as text. Outputs go to a new folder under outputs/ unless "
+               "--output is given.")
+    p.add_argument("rest", nargs="*", metavar="PROMPT [key=value ...]",
+                   help="the text prompt, then config overrides")
+    p.add_argument("--preset", help="settings + model pair from configs/ (default: imagenet)")
+    p.add_argument("--config", metavar="YAML", help="a YAML file of settings")
+    g = p.add_argument_group("run")
+    g.add_argument("--steps", type=int)
+    g.add_argument("--seed", type=int, help="candidate k uses seed + k (default: random, recorded)")
+    g.add_argument("--size", type=int, nargs=2, metavar=("W", "H"),
+                   help="rounded to the VQGAN's factor (16 for the f16 models)")
+    g.add_argument("--candidates", type=int, metavar="K", help="independent images in one batch")
+    g.add_argument("--device", help="auto (default), cpu, cuda, cuda:N or mps")
+    g.add_argument("--precision", help="fp32 (default), bf16 or fp16 (GPU): mixed precision for "
+                                       "the decoder and CLIP")
+    g = p.add_argument_group("optimization")
+    g.add_argument("--lr", type=float)
+    g.add_argument("--optimizer", help=f"one of: {', '.join(OPTIMIZERS)}")
+    g.add_argument("--cutn", type=int, help="cutouts per image per step")
+    g.add_argument("--cut-pow", dest="cut_pow", type=float, help=">1 favours small cutouts")
+    g.add_argument("--augments", type=names,
+                   metavar="A,B", help=f"comma-separated, or none; from: {', '.join(AUGMENTS)}")
+    g = p.add_argument_group("prompts")
+    g.add_argument("--image-prompt", dest="image_prompts", action="append", metavar="PATH[:W]")
+    g.add_argument("--noise-prompt", dest="noise_prompts", action="append", metavar="SEED:W")
+    g.add_argument("--init-image", dest="init_image", metavar="PATH")
+    g.add_argument("--init", choices=INITS,
+                   help="start without --init-image: random codes per cell, one flat random code, "
+                        "or a plain gray image")
+    g.add_argument("--init-weight", dest="init_weight", type=float)
+    g = p.add_argument_group("models")
+    g.add_argument("--vqgan", metavar="NAME|CKPT")
+    g.add_argument("--vqgan-config", dest="vqgan_config", metavar="YAML")
+    add_clip_flags(g)
+    g.add_argument("--rank-clip", dest="rank_clip", metavar="ARCH/TAG",
+                   help="rank the candidates with this CLIP (registry name, or ARCH/path to "
+                        "weights) rather than the guiding one")
+    g = p.add_argument_group("output")
+    g.add_argument("--output", metavar="FILE.png", help="candidate k of several: FILE-k.png")
+    g.add_argument("--video", metavar="FILE.mp4|.gif")
+    g.add_argument("--save-every", dest="save_every", type=int, metavar="N",
+                   help="steps between video frames")
+    g.add_argument("--overwrite", action="store_const", const=True, help="replace existing files")
+    add_verbosity(p, argparse.SUPPRESS)
+    p.set_defaults(func=cmd_generate)
+
+
+def _is_override(arg: str) -> bool:
+    """``key=value`` for a config key; anything else (``"E=mc2 poster"``) is a prompt."""
+    from ..config import FLAT_KEYS, GenerateConfig
+
+    m = _OVERRIDE.match(arg)
+    if m is None:
+        return False
+    groups = {f.name for f in dataclasses.fields(GenerateConfig)}
+    return m[1] in FLAT_KEYS or m[1].split(".")[0] in groups
+
+
+def _claim_run_folder(prompt: str) -> Path:
+    """Create a new folder under outputs/ named by date and a slug of the prompt.
+
+    Created here, with ``exist_ok=False``, so that two runs started in the same second (one per
+    GPU, say) never share one.
+    """
+    slug = re.sub(r"[^a-z0-9]+", "-", prompt.lower().split("|")[0]).strip("-")[:40].strip("-")
+    base = Path("outputs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{slug or 'image'}"
+    base.parent.mkdir(parents=True, exist_ok=True)
+    for n in range(1, 1000):
+        folder = base if n == 1 else base.with_name(f"{base.name}-{n}")
+        try:
+            folder.mkdir()
+            return folder
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"could not make a new run folder beside {base}")
+
+
+def generate_config(args: argparse.Namespace):
+    """The config a ``vqclip generate`` command line describes (checked, output path filled in)."""
+    from ..config import FLAT_KEYS, load_config, require_target
+
+    prompts = [a for a in args.rest if not _is_override(a)]
+    overrides = [a for a in args.rest if _is_override(a)]
+    if len(prompts) > 1:
+        raise ValueError(f"one prompt only, got {len(prompts)} words: quote it, e.g. "
+                         f"vqclip generate \"{' '.join(prompts)}\"")
+    flags = {k: getattr(args, k) for k in FLAT_KEYS if getattr(args, k, None) is not None}
+    if prompts:
+        flags["prompt"] = prompts[0]
+    cfg = load_config(preset=args.preset, files=[args.config] if args.config else (),
+                      overrides=overrides, **flags)
+    require_target(cfg)
+    from ..device import resolve_device
+    from ..generator import check_precision
+    from ..outputs import check_outputs
+
+    check_precision(cfg.precision, resolve_device(cfg.device))
+    folder = None
+    if cfg.output.path is None:  # a fresh run folder; never overwrites anything
+        folder = _claim_run_folder(cfg.prompts.text)
+        cfg.output.path = str(folder / "final.png")
+    try:
+        check_outputs(cfg)  # before the models load, not after
+    except OSError:
+        if folder is not None:
+            folder.rmdir()
+        raise
+    return cfg
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from ..generator import GenerationError
+
+    cfg = generate_config(args)
+    try:
+        return _generate(cfg, args)
+    except GenerationError as e:  # NaN loss, out of memory: the run failed, not the request
+        print(f"vqclip: error: {e}", file=sys.stderr)
+        return 1
+    finally:  # a failed run leaves no empty run folder behind
+        folder = Path(cfg.output.path).parent
+        if folder.parent == Path("outputs") and folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
+
+
+def _generate(cfg, args: argparse.Namespace) -> int:
+    from ..generator import GenerationInterrupted, Generator
+
+    start = time.perf_counter()
+    gen = Generator.load(cfg)
+    log.info("models loaded in %.1f s on %s", time.perf_counter() - start, gen.device)
+    try:
+        result = gen.generate(progress=not args.quiet)
+    except GenerationInterrupted as e:
+        for path in e.result.files:
+            print(path)
+        print(f"vqclip: interrupted after {e.result.steps_done} steps; kept the image and video "
+              "made so far", file=sys.stderr)
+        return 130
+    for path in result.files:
+        print(path)
+    if result.scores is not None and len(result.images) > 1:
+        k = result.order[0]
+        log.info("best of %d by %s: candidate %d (seed %d), score %.4f", len(result.images),
+                 result.ranked_by, k, result.seeds[k], result.scores[k])
+    t = result.timings
+    log.info("%d steps in %.1f s (%.3f s/step), seed %d", result.steps_done, t["steps"],
+             t["per_step"], result.seeds[0])
+    return 0
