@@ -22,7 +22,8 @@ import pytest
 from conftest import api_misuse
 from PIL import Image, ImageSequence
 
-from vqclip.cli import generate_config, parse_args
+from vqclip.cli import parse_args
+from vqclip.cli.generate import generate_config
 
 ROOT = Path(__file__).parent.parent
 README = (ROOT / "README.md").read_text()
@@ -84,6 +85,23 @@ def vqclip_commands():
 
 def test_readme_has_the_ci_blocks():
     assert [b.marker for b in BLOCKS if b.marker and b.marker.startswith("<!-- ci:")] == list(CI)
+
+
+def test_the_install_block_ends_with_a_first_image(tmp_path):
+    """The set-up command takes a fresh clone to an image: its last step, run here with this
+    environment's vqclip, makes the image and prints where it went, and can run again."""
+    install = next(b for b in BLOCKS if b.marker == CI[0])
+    last = install.body.strip().split(" && ")[-1]
+    assert last.startswith(".venv/bin/vqclip generate "), last
+    argv = shlex.split(last)[1:]
+    cwd, env = sandbox(tmp_path)
+    for _ in range(2):
+        done = subprocess.run(["vqclip", *argv], cwd=cwd, env=env, capture_output=True, text=True,
+                              timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        printed = done.stdout.split()
+        assert printed and printed[0].endswith(".png") and (cwd / printed[0]).is_file(), printed
+        assert Image.open(cwd / printed[0]).size == (64, 64)
 
 
 def test_every_block_is_tested():

@@ -1,8 +1,10 @@
 """The ``vqclip`` command: parses arguments and calls the library; no ML logic lives here.
 
-One module per command group, each with ``register(sub)`` that adds its commands to the parser;
-``COMMANDS`` lists them, in the order ``vqclip --help`` shows. A new command group is a new
-module and one entry there. Nothing in vqclip imports this package.
+One module per command group, each with ``register(sub)`` that adds its commands to the parser
+and sets ``func`` (the command) and, if Ctrl-C keeps something worth saying, ``kept(args)`` (the
+end of the "interrupted" line). ``COMMANDS`` lists them, in the order ``vqclip --help`` shows: a
+new command group is a new module and one entry there. Only ``vqclip/__main__.py`` (and
+``python -m vqclip.cli``) import this package; the library never does.
 """
 
 from __future__ import annotations
@@ -44,7 +46,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the CLI; returns the exit code (2 for user errors, 130 for Ctrl-C)."""
+    """Run the CLI; returns the exit code: 2 for user errors, 1 for a failed run (NaN loss, out of
+    memory; the scoring commands report their own out-of-memory), 130 for Ctrl-C."""
     from ..checkpoints import CheckpointError
     from ..pretrained import DownloadError
 
@@ -59,6 +62,13 @@ def main(argv: list[str] | None = None) -> int:
         # user errors: bad names or values, missing or unwritable paths, no network
         print(f"vqclip: error: {e}", file=sys.stderr)
         return 2
+    except RuntimeError as e:
+        from ..generator import GenerationError
+
+        if isinstance(e, GenerationError):  # NaN loss, out of memory: the run failed
+            print(f"vqclip: error: {e}", file=sys.stderr)
+            return 1
+        raise
     except KeyboardInterrupt:
         kept = args.kept(args) if hasattr(args, "kept") else ""  # what a command keeps on Ctrl-C
         print(f"vqclip: interrupted{kept}", file=sys.stderr)

@@ -1,5 +1,5 @@
 """What the commands share: the parser whose errors are one line, the verbosity flags, the flags
-that choose a CLIP, and small argument types."""
+that choose a CLIP, a small argument type and JSON output."""
 
 from __future__ import annotations
 

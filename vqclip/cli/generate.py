@@ -138,14 +138,9 @@ def generate_config(args: argparse.Namespace):
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from ..generator import GenerationError
-
     cfg = generate_config(args)
     try:
         return _generate(cfg, args)
-    except GenerationError as e:  # NaN loss, out of memory: the run failed, not the request
-        print(f"vqclip: error: {e}", file=sys.stderr)
-        return 1
     finally:  # a failed run leaves no empty run folder behind
         folder = Path(cfg.output.path).parent
         if folder.parent == Path("outputs") and folder.is_dir() and not any(folder.iterdir()):

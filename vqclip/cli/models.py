@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import json
 
-from .common import add_verbosity
+from .common import add_verbosity, print_json
 
 __all__ = ["register"]
 
@@ -43,7 +42,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 
     rows = list_models(args.cache_dir)
     if args.json:
-        print(json.dumps(rows, indent=2))
+        print_json(rows)
         return 0
     width = max(len(r["name"]) for r in rows)
     print(f"{'NAME':<{width}}  {'FAMILY':<6}  {'SIZE':>9}  {'CHECK':<6}  LOCAL")

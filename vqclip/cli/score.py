@@ -58,13 +58,16 @@ def _kept_by_search(args: argparse.Namespace) -> str:
 
 
 def _out_of_memory(command):
-    """Out of memory while encoding: one line naming --batch-size, exit 1."""
+    """Out of memory in a scoring command (the images are encoded in batches): one line naming
+    --batch-size, exit 1."""
     @functools.wraps(command)
     def run(args: argparse.Namespace) -> int:
+        from ..pretrained import DownloadError
+
         try:
             return command(args)
         except RuntimeError as e:
-            if "out of memory" not in str(e).lower():
+            if "out of memory" not in str(e).lower() or isinstance(e, DownloadError):
                 raise
             print(f"vqclip: error: out of memory while encoding images: lower --batch-size "
                   f"(now {args.batch_size})", file=sys.stderr)

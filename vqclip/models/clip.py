@@ -105,8 +105,9 @@ def load_clip(arch: str, pretrained: str | Path | None = None, *, device: str | 
     Returns:
         A :class:`CLIP` in eval mode with ``requires_grad`` off.
     Raises:
-        ValueError: unknown architecture or tag. FileNotFoundError, CheckpointError,
-        DownloadError: the weights are not in the cache and cannot be fetched.
+        ValueError: unknown architecture or tag. FileNotFoundError: no such weights file.
+        CheckpointError: unreadable weights, or weights that do not fit ``arch``.
+        DownloadError: registry files that are not in the cache and cannot be fetched.
 
     Example:
         >>> clip = load_clip("ViT-B-32", "openai")  # doctest: +SKIP
@@ -118,7 +119,7 @@ def load_clip(arch: str, pretrained: str | Path | None = None, *, device: str | 
     device = resolve_device(device)
     if pretrained is None and "/" in arch and arch in registry.CLIP_MODELS:
         arch, pretrained = arch.split("/", 1)
-    _check_arch(arch, pretrained, cache_dir=cache_dir, download=download, config=config)
+    _register_arch(arch, pretrained, cache_dir=cache_dir, download=download, config=config)
     weights, quick_gelu, name, preprocess = _find_weights(arch, pretrained, cache_dir=cache_dir,
                                                           download=download)
 
@@ -136,12 +137,14 @@ def load_clip(arch: str, pretrained: str | Path | None = None, *, device: str | 
                 mean=tuple(pp["mean"]), std=tuple(pp["std"]), name=name, source=source)
 
 
-def _check_arch(arch: str, pretrained: str | Path | None, *, cache_dir: str | Path | None,
-                download: bool, config: str | Path | None) -> None:
-    """Register ``arch``'s model config if it has one, then make sure open_clip knows ``arch``.
+def _register_arch(arch: str, pretrained: str | Path | None, *, cache_dir: str | Path | None,
+                   download: bool, config: str | Path | None) -> None:
+    """Register ``arch``'s model config if it has one (``config``, or the registry's, fetched if
+    need be), then make sure open_clip knows ``arch``.
 
     Raises:
         ValueError: unknown architecture, or a registry architecture without the tag asked for.
+        DownloadError: the registry's config is not in the cache and cannot be fetched.
     """
     import open_clip
 

@@ -6,9 +6,9 @@ step of :func:`train_clip_on_loop` is:
 
 1. :meth:`_Chains.advance`: every run takes ``chain_steps`` steps of the loop, and the images due
    for judging go to :class:`_Judging`;
-2. :meth:`_Banks.feed`: the verdicts on the previous step's images fill the banks of negatives
-   and positives;
-3. :meth:`_Update.__call__`: one CLIP update on fresh renders, clutter and samples of both banks.
+2. :meth:`_Banks.feed`: the verdicts on the previous step's images fill the banks;
+3. :class:`_Update`: one CLIP update on fresh renders, clutter and samples of both banks, with
+   :class:`_Renders`, the clean renders of each label, as the twins the negatives must score below.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ def train_clip_on_loop(out: str | Path, init: str | Path | None = None, steps: i
                        log_every: int = 10, progress: bool = True) -> Path:
     """Fine-tune the tiny CLIP against the shapes preset's own generation loop, online.
 
-    ``chains`` runs of the loop (its settings, from gray, on random "a {colour} {shape}" prompts)
+    ``chains`` runs of the loop (its settings, from ``start``, on random "a {colour} {shape}" prompts)
     advance ``chain_steps`` steps between two CLIP updates, always against the current CLIP, and
     start afresh when done. Every ``judge_every`` steps of a run, and at its end, the pixel-only
     judge reads its image: a rejected one joins a bank of negatives (it matches no caption), an
@@ -80,14 +80,14 @@ def train_clip_on_loop(out: str | Path, init: str | Path | None = None, steps: i
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
     gen = _chain_generator(out, init, device, loop_overrides)
-    update = _Update(gen.clip, lr, steps, build_augments(gen.config.cutouts.augments), margin_weight)
-    update.render_labels(gen.vqgan, renders_per_label, seed)
-    runs = _Chains(gen, chains, start, update.rendered, renders_per_label, update.augs, g)
+    augs = build_augments(gen.config.cutouts.augments)  # one set for the chains and the updates
+    renders = _Renders(gen.vqgan, renders_per_label, seed)
+    update = _Update(gen.clip, lr, steps, augs, renders, margin_weight)
+    runs = _Chains(gen, chains, start, renders, augs, g)
     data = iter(torch.utils.data.DataLoader(_LoopData(batch_size, clutter, seed), batch_size=None,
                                             num_workers=workers, prefetch_factor=4,
                                             persistent_workers=True))
     judging, banks = _Judging(workers), _Banks(gen.clip.device)
-    meta = {"vqclip.clip_arch": SHAPES_CLIP_ARCH}
     began = time.perf_counter()
     try:  # also on Ctrl-C: the judge's processes end with the run
         bar = tqdm(range(steps), disable=not progress, desc="shapes-clip on the loop", unit="step")
@@ -107,7 +107,7 @@ def train_clip_on_loop(out: str | Path, init: str | Path | None = None, steps: i
                 log_record(log_file, record)
             stop = time_limit is not None and elapsed > time_limit
             if (step + 1) % save_every == 0 or step + 1 == steps or stop:
-                save_weights(update.model.state_dict(), out, meta)
+                save_weights(update.model.state_dict(), out, {"vqclip.clip_arch": SHAPES_CLIP_ARCH})
             if stop:
                 break
     finally:
@@ -150,11 +150,11 @@ class _Chains:
     """``n`` runs of the loop side by side, one row each: latents, Adam's moments and step counts,
     ages (steps taken) and prompts (label indices)."""
 
-    def __init__(self, gen: Generator, n: int, start: str, rendered: torch.Tensor, per_label: int,
-                 augs, g: torch.Generator):
+    def __init__(self, gen: Generator, n: int, start: str, renders: "_Renders", augs,
+                 g: torch.Generator):
         cfg, vq, self.clip = gen.config, gen.vqgan, gen.clip
         self.gen, self.cfg, self.vq, self.start, self.g = gen, cfg, vq, start, g
-        self.rendered, self.per_label, self.augs = rendered, per_label, augs  # label-major starts
+        self.renders, self.augs = renders, augs
         dev = self.clip.device
         self.T, self.every = cfg.optim.steps, cfg.denoise_every
         self.cutouts = MakeCutouts(self.clip.input_size, cfg.cutouts.cutn, cfg.cutouts.cut_pow,
@@ -179,9 +179,7 @@ class _Chains:
         """The start latents of these runs, for their labels."""
         if self.start == "gray":
             return self.gray.repeat(len(runs), 1, 1, 1)
-        R = self.per_label
-        pick = self.label[runs] * R + torch.randint(R, (len(runs),), generator=self.g)
-        return self.rendered[pick.to(self.clip.device)]
+        return self.renders.latents[self.renders.pick(self.label[runs], self.g)]
 
     def advance(self, chain_steps: int, judge_every: int, judging: "_Judging") -> None:
         """``chain_steps`` steps of every run against the current CLIP; the images due for judging
@@ -292,6 +290,10 @@ class _Banks:
                 self.finals.append((shape, ok))
         self.finals = self.finals[-600:]
 
+    def sample(self, positives: int, negatives: int, g: torch.Generator):
+        """``(pos, pos_labels, neg, neg_labels)``: up to that many of each, drawn uniformly."""
+        return (*self.pos.sample(positives, g), *self.neg.sample(negatives, g))
+
     def acceptance(self) -> dict:
         rate = {s: [ok for sh, ok in self.finals if sh == s] for s in SHAPES}
         return {"finals": len(self.finals),
@@ -323,12 +325,32 @@ class _Ring:
         return self.rows[i.to(self.rows.device)], self.labels[i.to(self.labels.device)]
 
 
+class _Renders:
+    """Clean renders of each label through the VQGAN: runs' starts (``start="render"``), twins."""
+
+    @torch.no_grad()
+    def __init__(self, vq, per_label: int, seed: int):
+        dev, self.per_label = vq.codebook.device, per_label
+        renders = label_renders(per_label, seed).split(256)  # (24 * per_label, 3, H, W)
+        self.latents = torch.cat([vq.encode(x.to(dev)) for x in renders])  # label-major
+        self.images = torch.cat([vq.decode(vq.quantize_latents(x)) for x in self.latents.split(256)])
+
+    def pick(self, labels: torch.Tensor, g: torch.Generator | None = None) -> torch.Tensor:
+        """The index of a random render of each label, drawn from ``g`` (on the CPU) or else from
+        torch's own generator on the labels' device."""
+        R = self.per_label
+        if g is None:
+            return labels * R + torch.randint(R, labels.shape, device=labels.device)
+        return (labels * R + torch.randint(R, labels.shape, generator=g)).to(self.latents.device)
+
+
 class _Update:
     """One CLIP update: the contrastive loss on a training batch with samples of both banks, plus
     the margin that ranks each negative below a clean render of its own prompt."""
 
-    def __init__(self, clip, lr: float, steps: int, augs, margin_weight: float):
-        self.clip, self.model, self.augs, self.margin_weight = clip, clip.model, augs, margin_weight
+    def __init__(self, clip, lr: float, steps: int, augs, renders: _Renders, margin_weight: float):
+        self.clip, self.model, self.augs, self.renders = clip, clip.model, augs, renders
+        self.margin_weight = margin_weight
         self.model.requires_grad_(True)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=lr, weight_decay=0.1,
                                      betas=(0.9, 0.98))
@@ -336,26 +358,16 @@ class _Update:
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda i: min(1.0, (i + 1) / warmup))
         self.amp = torch.autocast(clip.device.type, dtype=torch.bfloat16)
 
-    @torch.no_grad()
-    def render_labels(self, vq, per_label: int, seed: int) -> None:
-        """``rendered``: the latents of ``per_label`` clean renders of each label (label-major);
-        ``clean``: their decoded images, the twins the negatives must score below."""
-        dev = self.clip.device
-        self.per_label = per_label
-        self.rendered = torch.cat([vq.encode(x.to(dev)) for x in label_renders(per_label, seed).split(256)])
-        self.clean = torch.cat([vq.decode(vq.quantize_latents(x)) for x in self.rendered.split(256)])
-
     def __call__(self, batch, banks: _Banks, positives: int, negatives: int,
                  g: torch.Generator) -> torch.Tensor:
-        dev, R, model = self.clip.device, self.per_label, self.model
+        dev, model = self.clip.device, self.model
         model.train()
         images, texts, junk = batch
-        pos, pos_labels = banks.pos.sample(positives, g)
-        neg, neg_labels = banks.neg.sample(negatives, g)
+        pos, pos_labels, neg, neg_labels = banks.sample(positives, negatives, g)
         texts = list(texts) + [TEXTS[i] for i in pos_labels.tolist()]
         extra = [x for x in (pos, junk.to(dev), neg) if len(x)]
-        twins = self.clean[neg_labels * R + torch.randint(R, neg_labels.shape, device=dev)] \
-            if len(neg) else self.clean[:0]
+        clean = self.renders.images
+        twins = clean[self.renders.pick(neg_labels)] if len(neg) else clean[:0]
         batch_images = self.augs(torch.cat([images.to(dev), *extra, twins])).clamp(0, 1)
         same = torch.tensor([[a == b for b in texts] for a in texts], dtype=torch.float32, device=dev)
         with self.amp:
@@ -379,7 +391,7 @@ class _LoopData(torch.utils.data.Dataset):
     def __init__(self, batch_size: int, clutter: int, seed: int):
         self.batch_size, self.clutter, self.seed = batch_size, clutter, seed
 
-    def __len__(self) -> int:
+    def __len__(self) -> int:  # endless: step i asks for item i
         return 10**9
 
     def __getitem__(self, step: int):
