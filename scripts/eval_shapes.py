@@ -27,12 +27,12 @@ import torch.nn.functional as F
 
 from vqclip.generator import Generator
 from vqclip.images import to_tensor
-from vqclip.shapes import LABELS, Scene, ShapeObject, render
+from vqclip.shapes import LABEL_TEXTS, LABELS, Scene, ShapeObject, render
 from vqclip.shapes.clip_trainer import eval_clip
 from vqclip.shapes.judge import judge
 from vqclip.shapes.vqgan_trainer import eval_vqgan
 
-TEXTS = [f"a {c} {s}" for c, s in LABELS]
+TEXTS = LABEL_TEXTS
 _gen: Generator | None = None
 _label_embeds: torch.Tensor | None = None
 

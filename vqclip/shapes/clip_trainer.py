@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from ..cutouts import build_augments
 from .training import cpu_autocast, log_record, save_weights, warmup_cosine
-from .world import LABELS, batch, caption, clutter_batch
+from .world import LABEL_TEXTS, LABELS, batch, caption, clutter_batch
 
 __all__ = ["SHAPES_CLIP_ARCH", "SHAPES_CLIP_CONFIG", "clip_batch", "clip_update", "contrastive",
            "eval_clip", "mine_negatives", "negative_bank", "register_shapes_clip", "train_clip"]
@@ -162,8 +162,7 @@ def _attack(loss_fn: Callable[[torch.Tensor], torch.Tensor], images: torch.Tenso
 @torch.no_grad()
 def eval_clip(clip, n: int = 480, split: str = "val") -> dict[str, float]:
     """Zero-shot accuracy over the 24 "a {colour} {shape}" classes on clean single-object renders."""
-    texts = [f"a {c} {s}" for c, s in LABELS]
-    t = F.normalize(clip.encode_text(texts), dim=-1)
+    t = F.normalize(clip.encode_text(LABEL_TEXTS), dim=-1)
     x, scenes = batch(0, n, split, num_objects=1)
     x = F.interpolate(x, size=clip.input_size, mode="bilinear", antialias=True) \
         if x.shape[-1] != clip.input_size else x

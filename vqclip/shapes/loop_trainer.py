@@ -30,11 +30,9 @@ from ..losses import spherical_distance
 from .clip_trainer import SHAPES_CLIP_ARCH, clip_batch, clip_update, contrastive, register_shapes_clip
 from .judge import judge
 from .training import log_record, save_weights
-from .world import LABELS, SHAPES, clutter_batch, label_renders
+from .world import LABEL_TEXTS, LABELS, SHAPES, clutter_batch, label_renders
 
 __all__ = ["train_clip_on_loop"]
-
-TEXTS = [f"a {c} {s}" for c, s in LABELS]
 
 
 def train_clip_on_loop(out: str | Path, init: str | Path | None = None, steps: int = 1000,
@@ -186,8 +184,7 @@ class _Chains:
         (every ``judge_every`` steps of a run, and its last) go to ``judging``; finished runs start
         afresh on new prompts."""
         self.clip.model.eval()
-        with torch.no_grad():
-            targets = F.normalize(self.clip.encode_text([TEXTS[i] for i in self.label.tolist()]), dim=-1)
+        targets = self.targets(self.label)
         for _ in range(chain_steps):
             self.step(targets)
             age = self.age
@@ -202,11 +199,14 @@ class _Chains:
                 self.label[done] = torch.randint(len(LABELS), (len(done),), generator=self.g)
                 self.z[done], self.m[done], self.v[done] = self.fresh(done), 0, 0
                 self.t[done], self.age[done], self.full[done] = 0, 0, True
-                with torch.no_grad():
-                    targets[done.to(self.clip.device)] = F.normalize(self.clip.encode_text(
-                        [TEXTS[i] for i in self.label[done].tolist()]), dim=-1)
+                targets[done.to(self.clip.device)] = self.targets(self.label[done])
         if self.clip.device.type == "cuda":
             torch.cuda.synchronize()
+
+    @torch.no_grad()
+    def targets(self, labels: torch.Tensor) -> torch.Tensor:
+        """The unit text embeddings of these labels' prompts: ``(len(labels), D)``."""
+        return F.normalize(self.clip.encode_text([LABEL_TEXTS[i] for i in labels.tolist()]), dim=-1)
 
     def step(self, targets: torch.Tensor) -> None:
         """One step of the loop for every run: the preset's cutouts, loss, Adam and prior."""
@@ -364,14 +364,14 @@ class _Update:
         model.train()
         images, texts, junk = batch
         pos, pos_labels, neg, neg_labels = banks.sample(positives, negatives, g)
-        texts = list(texts) + [TEXTS[i] for i in pos_labels.tolist()]
+        texts = list(texts) + [LABEL_TEXTS[i] for i in pos_labels.tolist()]
         extra = [x for x in (pos, junk.to(dev), neg) if len(x)]
         clean = self.renders.images
         twins = clean[self.renders.pick(neg_labels)] if len(neg) else clean[:0]
         batch_images = self.augs(torch.cat([images.to(dev), *extra, twins])).clamp(0, 1)
         same = torch.tensor([[a == b for b in texts] for a in texts], dtype=torch.float32, device=dev)
         with self.amp:
-            txt = F.normalize(self.clip.encode_text(texts + TEXTS).float(), dim=-1)
+            txt = F.normalize(self.clip.encode_text(texts + LABEL_TEXTS).float(), dim=-1)
             im = F.normalize(self.clip.encode_image(batch_images).float(), dim=-1)
         scale = model.logit_scale.exp()
         im, im_twins = im[:len(im) - len(twins)], im[len(im) - len(twins):]

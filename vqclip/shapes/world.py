@@ -26,7 +26,7 @@ from PIL import Image, ImageDraw
 
 from ..images import to_tensor
 
-__all__ = ["BACKGROUNDS", "CLUTTER", "COLOURS", "LABELS", "POSITIONS", "SHAPES", "SIZES", "Scene",
+__all__ = ["BACKGROUNDS", "CLUTTER", "COLOURS", "LABELS", "LABEL_TEXTS", "POSITIONS", "SHAPES", "SIZES", "Scene",
            "ShapeObject", "batch", "caption", "captions", "clutter", "clutter_batch", "label_renders",
            "place_alone", "render", "sample_scene"]
 
@@ -37,7 +37,8 @@ COLOURS = {
 }
 BACKGROUNDS = {**COLOURS, "gray": (128, 128, 128)}
 SHAPES = ("circle", "square", "triangle")
-LABELS = [(c, s) for c in COLOURS for s in SHAPES]  # the 24 single-object classes, "a {c} {s}"
+LABELS = [(c, s) for c in COLOURS for s in SHAPES]  # the 24 single-object classes
+LABEL_TEXTS = [f"a {c} {s}" for c, s in LABELS]  # their prompts, in the same order
 SIZES = {"small": 0.28, "large": 0.55}  # the shape's extent, as a fraction of the image side
 POSITIONS = {  # centre of the object, as fractions of width and height
     "centre": (0.5, 0.5), "left": (0.27, 0.5), "right": (0.73, 0.5), "top": (0.5, 0.27),
