@@ -22,7 +22,7 @@ from test_vqgan import OFFICIAL_16384_YAML  # noqa: E402  (the published config,
 
 from vqclip.config import load_config  # noqa: E402
 from vqclip.generator import Generator  # noqa: E402
-from vqclip.models.clip import CLIP  # noqa: E402
+from vqclip.models.clip import CLIP, fast_visual  # noqa: E402
 from vqclip.models.vqgan import VQGAN, read_vqgan_config  # noqa: E402
 
 
@@ -35,7 +35,7 @@ def build(device: str) -> Generator:
         vqgan = VQGAN(read_vqgan_config(yaml)).eval().requires_grad_(False).to(device)
     model = open_clip.create_model("ViT-B-32", force_quick_gelu=True).eval().requires_grad_(False)
     pp = open_clip.get_model_preprocess_cfg(model)
-    clip = CLIP(model.to(device), open_clip.get_tokenizer("ViT-B-32"), 224, tuple(pp["mean"]),
+    clip = CLIP(fast_visual(model).to(device), open_clip.get_tokenizer("ViT-B-32"), 224, tuple(pp["mean"]),
                 tuple(pp["std"]), "ViT-B-32/random")
     return Generator(vqgan, clip, load_config(preset="imagenet", device=device))
 

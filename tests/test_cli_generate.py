@@ -175,7 +175,7 @@ def test_failed_download_is_one_line_naming_the_command(server, monkeypatch, cap
 def test_nan_loss_exits_1_with_one_line_and_no_image(tiny_models, tmp_path, monkeypatch, capsys):
     import vqclip.generator as g
 
-    monkeypatch.setattr(g, "prompt_loss", lambda *a, **k: torch.full((1,), float("nan")))
+    monkeypatch.setattr(g, "prompt_loss", lambda e, *a, **k: e.sum((1, 2)) * float("nan"))
     code = main(["generate", "x", *flags(tiny_models), *TINY_RUN, "--steps", "3",
                  "--output", str(tmp_path / "o.png")])
     err = capsys.readouterr().err
@@ -248,7 +248,7 @@ def test_a_failed_run_leaves_no_empty_run_folder(tiny_models, tmp_path, monkeypa
     import vqclip.generator as g
 
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(g, "prompt_loss", lambda *a, **k: torch.full((1,), float("nan")))
+    monkeypatch.setattr(g, "prompt_loss", lambda e, *a, **k: e.sum((1, 2)) * float("nan"))
     assert main(["generate", "x", *flags(tiny_models), *TINY_RUN, "steps=2"]) == 1
     assert list((tmp_path / "outputs").iterdir()) == []
 

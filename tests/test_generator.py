@@ -106,7 +106,7 @@ def test_nan_loss_stops_with_a_clear_message_and_writes_no_image(tiny_generator,
                                                                  monkeypatch):
     import vqclip.generator as g
 
-    monkeypatch.setattr(g, "prompt_loss", lambda *a, **k: torch.full((1,), float("nan")))
+    monkeypatch.setattr(g, "prompt_loss", lambda e, *a, **k: e.sum((1, 2)) * float("nan"))
     with pytest.raises(GenerationError, match="loss became .*nan.* at step 0.*lower lr"):
         tiny_generator.generate(prompt="x", steps=3, output=str(tmp_path / "o.png"),
                                 video=str(tmp_path / "o.mp4"), **SMALL)

@@ -57,6 +57,7 @@ __all__ = ["GenerationError", "GenerationInterrupted", "Generator", "check_preci
 log = logging.getLogger(__name__)
 
 Callback = Callable[[int, dict[str, Any]], None]
+LOSS_EVERY = 10  # steps between reads of the loss (a wait for the device) and NaN checks
 
 
 class GenerationError(RuntimeError):
@@ -178,7 +179,7 @@ class Generator:
         self._settle(cfg)
         K, steps = cfg.candidates, cfg.optim.steps
         seeds = [cfg.seed + k for k in range(K)]
-        streams = SeedStreams(seeds)
+        streams = SeedStreams(seeds, self.device)
         cutouts = MakeCutouts(self.clip.input_size, cfg.cutouts.cutn, cfg.cutouts.cut_pow,
                               cfg.cutouts.augments, cfg.cutouts.overview)
         targets = self._targets(cfg, cutouts)
@@ -204,7 +205,7 @@ class Generator:
 
         result = GenerationResult(
             images=[to_pil(im) for im in final], tensor=final.cpu(),
-            losses=torch.stack(losses) if losses else torch.empty(0, K), seeds=seeds, config=cfg,
+            losses=torch.stack(losses).cpu() if losses else torch.empty(0, K), seeds=seeds, config=cfg,
             timings={"setup": t1 - t0, "steps": t2 - t1, "per_step": (t2 - t1) / max(1, len(losses)),
                      "rank": t3 - t2, "total": t3 - t0}, steps_done=len(losses), interrupted=interrupted,
             scores=scores, ranked_by=self.ranker.clip.name if scores is not None else None)
@@ -226,27 +227,30 @@ class Generator:
         check_outputs(cfg)  # before any work, not after
 
     def _loop(self, cfg, z, cutouts, streams, targets, video, callback, progress):
-        """The optimization; Ctrl-C ends it early and keeps the current state."""
+        """The optimization; Ctrl-C ends it early and keeps the current state.
+
+        Nothing in a step waits for the device: the losses stay on it and are read (and checked
+        for NaN) every ``LOSS_EVERY`` steps, which is also how often the progress bar shows them.
+        """
         z_init = z.detach().clone()
         codebook = self.vqgan.codebook
         lo = codebook.min(0).values.view(1, -1, 1, 1)  # the codebook's per-channel range
         hi = codebook.max(0).values.view(1, -1, 1, 1)
         opt = make_optimizer(cfg.optim.name, [z], cfg.optim.lr)
-        losses, interrupted = [], False
+        losses, checked, interrupted = [], 0, False
         with tqdm(total=cfg.optim.steps, disable=not progress, desc="generate", unit="step",
                   leave=False) as bar:
             try:
                 for step in range(cfg.optim.steps):
-                    image, loss = self._step(cfg, step, z, z_init, opt, cutouts, streams, targets)
-                    if not torch.isfinite(z).all():  # the update itself can overflow
-                        raise GenerationError(f"the latents became NaN or inf in step {step}'s "
-                                              f"update; try a lower lr (now {cfg.optim.lr})")
+                    image, loss = self._step(cfg, z, z_init, opt, cutouts, streams, targets)
                     if cfg.denoise_every and (step + 1) % cfg.denoise_every == 0:
                         self.denoise(cfg, z)
                     torch.clamp_(z.data, lo, hi)
-                    losses.append(loss.cpu())
+                    losses.append(loss)
                     bar.update()
-                    bar.set_postfix(loss=f"{loss.mean().item():.4f}")
+                    if (step + 1) % LOSS_EVERY == 0 or step + 1 == cfg.optim.steps:
+                        checked = _check_finite(losses, checked, z, cfg.optim.lr)
+                        bar.set_postfix(loss=f"{losses[-1].mean().item():.4f}")
                     if video is not None and step % cfg.output.save_every == 0:
                         video.append(video_frame(image))
                     if callback is not None:
@@ -259,27 +263,20 @@ class Generator:
             video.append(video_frame(final))
         return final, losses, interrupted
 
-    def _step(self, cfg, step, z, z_init, opt, cutouts, streams, targets):
+    def _step(self, cfg, z, z_init, opt, cutouts, streams, targets):
         opt.zero_grad(set_to_none=True)
         z_q = self.vqgan.quantize_latents(z)  # fp32 always: code choice is a nearest-neighbour search
         with self._autocast(cfg):
             image = self.vqgan.decode(z_q).float()  # (K, 3, H, W) in [0, 1]
-        cuts = []
-        for k in range(z.shape[0]):
-            with streams.use(k):
-                cuts.append(cutouts(image[k:k + 1]))  # (cutn, 3, S, S)
+        cuts = cutouts(image, streams)  # (K * cutn, 3, S, S)
         with self._autocast(cfg):
-            embeds = self.clip.encode_image(torch.cat(cuts))  # (K * cutn, D), fp32
+            embeds = self.clip.encode_image(cuts)  # (K * cutn, D), fp32
         embeds = embeds.view(z.shape[0], cfg.cutouts.cutn, -1)  # (K, cutn, D)
         loss = sum(prompt_loss(embeds, t.embeds, t.weight, t.stop) for t in targets)  # (K,)
         if cfg.prompts.init_weight:
             loss = loss + cfg.prompts.init_weight * init_loss(z, z_init)
         if cfg.tv_weight:
             loss = loss + cfg.tv_weight * tv_loss(image)
-        if not torch.isfinite(loss).all():
-            raise GenerationError(
-                f"the loss became {loss.tolist()} at step {step}: stopped "
-                f"instead of saving a broken image; try a lower lr (now {cfg.optim.lr})")
         loss.sum().backward()  # a sum: each candidate gets the gradient of its own loss
         opt.step()
         return image.detach(), loss.detach()
@@ -323,8 +320,9 @@ class Generator:
             prompt = parse_image_prompt(spec)
             image = to_tensor(load_image(prompt.value, tuple(cfg.size))).to(self.device)
             # the image's own cutouts, from a fixed stream: the same targets for every seed
-            with torch.no_grad(), SeedStreams([0]).use(0):
-                embeds = F.normalize(self.clip.encode_image(cutouts(image)), dim=-1)  # (cutn, D)
+            with torch.no_grad():
+                cuts = cutouts(image, SeedStreams([0], self.device))
+                embeds = F.normalize(self.clip.encode_image(cuts), dim=-1)  # (cutn, D)
             targets.append(Target(embeds, prompt.weight, prompt.stop, prompt.value))
         dim = self.clip.model.visual.output_dim
         targets += [noise_target(parse_noise_prompt(s), dim, self.device) for s in cfg.prompts.noise]
@@ -342,12 +340,11 @@ class Generator:
                 z = self.vqgan.encode(image.to(self.device))  # (1, D, h/f, w/f)
             return z.expand(K, -1, -1, -1).clone()
         codes, n = [], self.vqgan.codebook.shape[0]
-        for k in range(K):  # random codes, from each candidate's own stream
-            with streams.use(k):
-                if cfg.prompts.init == "flat":  # one code everywhere: a plain image
-                    codes.append(torch.randint(n, (1, 1)).expand(h // f, w // f))
-                else:
-                    codes.append(torch.randint(n, (h // f, w // f)))
+        for g in streams.cpu:  # random codes, from each candidate's own stream
+            if cfg.prompts.init == "flat":  # one code everywhere: a plain image
+                codes.append(torch.randint(n, (1, 1), generator=g).expand(h // f, w // f))
+            else:
+                codes.append(torch.randint(n, (h // f, w // f), generator=g))
         return self.vqgan.codebook[torch.stack(codes).to(self.device)].permute(0, 3, 1, 2).clone()
 
 
@@ -369,6 +366,22 @@ def check_precision(precision: str, device: torch.device) -> None:
     """Raise ValueError if ``precision`` cannot run on ``device``."""
     if precision == "fp16" and device.type == "cpu":
         raise ValueError("precision fp16 needs a GPU; on the CPU use bf16")
+
+
+def _check_finite(losses: list[torch.Tensor], checked: int, z: torch.Tensor, lr: float) -> int:
+    """Raise GenerationError if a loss since step ``checked``, or the latents, are not finite;
+    returns the number of steps checked. One wait for the device, however many steps."""
+    recent = torch.stack(losses[checked:]).cpu()  # (steps, K)
+    bad = (~torch.isfinite(recent)).any(1).nonzero()
+    if len(bad):
+        step = checked + int(bad[0])
+        raise GenerationError(f"the loss became {losses[step].tolist()} at step {step}: stopped "
+                              f"instead of saving a broken image; try a lower lr (now {lr})")
+    if not torch.isfinite(z).all():  # the last update itself can overflow
+        steps = f"step {len(losses) - 1}'s update" if len(losses) - checked == 1 else \
+            f"the updates of steps {checked}-{len(losses) - 1}"
+        raise GenerationError(f"the latents became NaN or inf in {steps}; try a lower lr (now {lr})")
+    return len(losses)
 
 
 def _memory_errors(cfg: DictConfig, run: Callable[[], GenerationResult]) -> GenerationResult:

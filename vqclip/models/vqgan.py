@@ -173,8 +173,14 @@ class VQGAN(nn.Module):
 
     def __init__(self, config: VQGANConfig):
         super().__init__()
+        from taming.modules.diffusionmodules import model as taming_model
         from taming.modules.diffusionmodules.model import Decoder, Encoder
         from taming.modules.vqvae.quantize import GumbelQuantize, VectorQuantizer2
+
+        # taming's blocks call the module's nonlinearity(x) = x * sigmoid(x), the swish: three
+        # passes over every activation forward and three backward, a sixth of the decoder's
+        # time on a CPU. F.silu is the same function, fused.
+        taming_model.nonlinearity = torch.nn.functional.silu
 
         self.config = config
         dd = config.ddconfig
