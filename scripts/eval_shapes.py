@@ -75,6 +75,7 @@ def _run(job: tuple[str, str, int, str | None, str | None]) -> dict:
         result.images[0].save(Path(save) / f"{colour}-{shape}-{seed}.png")
     return {"prompt": prompt, "shape": shape, "seed": seed, "ok": verdict.matches(colour, shape),
             "clip_ok": TEXTS[int((e @ _label_embeds.T).argmax())] == prompt, "seconds": seconds,
+            "score": result.scores[0],  # the final CLIP score, as the run ranks it
             "verdict": f"{verdict.colour or '-'} {verdict.shape or '-'}",
             # CLIP's score of the whole image, the same measure at the start and the end
             "score_rose": start_score is not None and result.scores[0] > start_score}
@@ -119,6 +120,12 @@ def main():
     ok = [r["ok"] for r in results]
     print(f"judge: {sum(ok)}/{len(ok)} = {sum(ok) / len(ok):.1%}; " + ", ".join(
         f"{s} {sum(v)}/{len(v)} = {sum(v) / len(v):.1%}" for s, v in per_shape.items()))
+    per_seed = {seed: [r["score"] for r in results if r["seed"] == seed] for seed in args.seeds}
+    means = {seed: sum(v) / len(v) for seed, v in per_seed.items()}
+    print(f"mean final CLIP score: {sum(r['score'] for r in results) / len(results):.4f}; by seed: "
+          + ", ".join(f"{seed} {m:.4f}" for seed, m in means.items()) + "; judge passes by seed: "
+          + ", ".join(f"{seed} {sum(r['ok'] for r in results if r['seed'] == seed)}"
+                      for seed in args.seeds))
     agree = [r["ok"] == r["clip_ok"] for r in results]
     print(f"CLIP's verdict agrees with the judge in {sum(agree)}/{len(agree)} = "
           f"{sum(agree) / len(agree):.1%} (CLIP rates {sum(r['clip_ok'] for r in results)} correct)")

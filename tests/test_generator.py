@@ -271,3 +271,56 @@ def test_denoise_setting_runs_and_is_checked(tiny_generator):
                        (dict(denoise_size=4), "denoise_size must be an odd number >= 3, got 4")]:
         with pytest.raises(ValueError, match=match):
             tiny_generator.generate("x", steps=1, **bad, **SMALL)
+
+
+def test_the_loop_reads_the_device_every_few_steps_not_every_step(tiny_generator, monkeypatch):
+    """Each read (.item(), .cpu(), .tolist()) waits for a GPU to finish: the loop reads the losses
+    once per LOSS_EVERY steps, so 10 more steps add one read of each kind, not ten. (Adam's own
+    step counter is a host tensor unless capturable: its .item() waits for nothing.)"""
+    import traceback
+
+    from vqclip.generator import LOSS_EVERY
+
+    calls = []
+
+    def counted(name):
+        real = getattr(torch.Tensor, name)
+
+        def read(self, *args, **kwargs):
+            caller = traceback.extract_stack(limit=2)[0].filename
+            if "torch/optim/" not in caller:
+                calls.append(name)
+            return real(self, *args, **kwargs)
+        return read
+
+    for name in ("item", "cpu", "tolist"):
+        monkeypatch.setattr(torch.Tensor, name, counted(name))
+
+    def reads(steps):
+        calls.clear()
+        tiny_generator.generate("x", steps=steps, **SMALL)
+        return len(calls)
+
+    assert LOSS_EVERY == 10
+    assert reads(20) - reads(10) <= 3
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_cuda_step_never_waits_for_the_device(tiny_models):
+    tiny = Generator.load(**{**tiny_models, "device": "cuda"})
+    torch.cuda.set_sync_debug_mode("error")  # raises on any synchronizing call
+    try:
+        with pytest.raises(RuntimeError, match="synchroniz"):
+            torch.ones(1, device="cuda").item()  # the mode is on
+        cfg = tiny.config.copy()
+        cfg.size, cfg.seed, cfg.cutouts.cutn = [32, 32], 0, 4
+        cfg.prompts.text = "x"
+        tiny._settle(cfg)
+        torch.cuda.set_sync_debug_mode(0)
+        streams, cutouts, targets, z = tiny._prepare(cfg, [0])
+        opt = torch.optim.Adam([z], lr=0.1)
+        torch.cuda.set_sync_debug_mode("error")
+        for _ in range(3):
+            tiny._step(cfg, z, z.detach(), opt, cutouts, streams, targets)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)

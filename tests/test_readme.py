@@ -250,7 +250,8 @@ def test_the_preset_table_matches_the_presets():
                   "size": " ".join(map(str, cfg.size)), "steps": cfg.optim.steps, "lr": cfg.optim.lr,
                   "cutn": cfg.cutouts.cutn, "cut_pow": cfg.cutouts.cut_pow,
                   "overview": cfg.cutouts.overview, "augments": ", ".join(cfg.cutouts.augments),
-                  "init": cfg.prompts.init, "denoise_every": cfg.denoise_every}
+                  "init": cfg.prompts.init, "denoise_every": cfg.denoise_every,
+                  "precision": cfg.precision}
         shown = {}
         for row in rows:
             keys = re.findall(r"`(\w+)`", row[0]) or [row[0]]

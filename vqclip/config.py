@@ -26,7 +26,7 @@ __all__ = ["AUGMENTS", "FLAT_KEYS", "INITS", "OPTIMIZERS", "PRECISIONS", "PRESET
 PRESET_DIR = Path(__file__).resolve().parent.parent / "configs"
 DEFAULT_PRESET = "imagenet"
 OPTIMIZERS = ("adam", "adamw", "sgd", "radam", "rmsprop")
-PRECISIONS = ("fp32", "bf16", "fp16")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 INITS = ("random", "flat", "gray")
 AUGMENTS = ("affine", "perspective", "jitter", "erasing", "noise", "flip", "sharpness")
 MAX_SIDE = 4096  # pixels; beyond this a VQGAN decoder needs tens of GB for activations
@@ -88,7 +88,15 @@ class GenerateConfig:
     size: list[int] = field(default_factory=lambda: [256, 256])  # width, height
     candidates: int = 1  # independent latents optimized in one batch; candidate k uses seed + k
     device: str = "auto"
-    precision: str = "fp32"  # bf16/fp16: decoder and CLIP under torch.autocast; z and losses stay fp32
+    # bf16/fp16: decoder and CLIP under torch.autocast (z, the code choice and losses stay fp32);
+    # auto: bf16 on CPUs with native bf16 (AVX512-BF16 or AMX), else fp32; outputs record which ran
+    precision: str = "auto"
+    # recompute the decoder's blocks in the backward instead of storing their activations:
+    # less memory for large sizes, one more decoder forward per step
+    checkpoint: bool = False
+    # torch.compile the decoder and CLIP's image tower (compiled once per Generator, on the
+    # first step: minutes on a small CPU); fuses their elementwise work
+    compile: bool = False
     tv_weight: float = 0.0  # total-variation prior: favours flat regions
     # every N steps, median-filter the image and encode it back into the latents (0: never):
     # a prior for flat regions and smooth outlines that removes specks and ragged edges
@@ -115,7 +123,7 @@ FLAT_KEYS = {
     "rank_clip": "models.rank_clip",
     "output": "output.path", "video": "output.video", "save_every": "output.save_every",
     "overwrite": "output.overwrite",
-    **{k: k for k in ("seed", "size", "candidates", "device", "precision", "tv_weight",
+    **{k: k for k in ("seed", "size", "candidates", "device", "precision", "checkpoint", "compile", "tv_weight",
                       "denoise_every", "denoise_size")},
 }
 

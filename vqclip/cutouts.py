@@ -117,6 +117,8 @@ class MakeCutouts(nn.Module):
         B, C, H, W = images.shape
         S, n = self.cut_size, self.cutn
         gens = streams.cpu if streams is not None else [None] * B
+        if len(gens) != B:
+            raise ValueError(f"{B} images but {len(gens)} random streams: one per image")
         params = torch.cat([self.sample(H, W, g) for g in gens])  # (B * n, P) on the CPU
         if images.device.type == "cuda":
             params = params.pin_memory()

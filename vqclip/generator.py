@@ -39,6 +39,8 @@ from tqdm.auto import tqdm
 
 from .config import GenerateConfig, load_config, require_target
 from .cutouts import MakeCutouts, SeedStreams
+from .device import check_precision, resolve_precision
+from .errors import GenerationError, check_finite, memory_errors
 from .images import load_image, to_pil, to_tensor
 from .losses import init_loss, prompt_loss, tv_loss
 from .outputs import GenerationResult, check_outputs, video_frame
@@ -52,16 +54,13 @@ from .prompts import (
 )
 from .video import VideoWriter, choose_fps
 
-__all__ = ["GenerationError", "GenerationInterrupted", "Generator", "check_precision", "generate"]
+__all__ = ["GenerationError", "GenerationInterrupted", "Generator", "check_precision", "generate",
+           "resolve_precision"]
 
 log = logging.getLogger(__name__)
 
 Callback = Callable[[int, dict[str, Any]], None]
 LOSS_EVERY = 10  # steps between reads of the loss (a wait for the device) and NaN checks
-
-
-class GenerationError(RuntimeError):
-    """The loop cannot go on: a non-finite loss, or out of memory."""
 
 
 class GenerationInterrupted(KeyboardInterrupt):
@@ -172,18 +171,14 @@ class Generator:
                              f"{self.config.models.clip}; load another for {cfg.models.vqgan} + "
                              f"{cfg.models.clip}")
         cfg.device = str(self.device)
-        return _memory_errors(cfg, lambda: self._run(cfg, callback, progress))
+        return memory_errors(cfg, lambda: self._run(cfg, callback, progress))
 
     def _run(self, cfg: DictConfig, callback: Callback | None, progress: bool) -> GenerationResult:
         t0 = time.perf_counter()
         self._settle(cfg)
         K, steps = cfg.candidates, cfg.optim.steps
         seeds = [cfg.seed + k for k in range(K)]
-        streams = SeedStreams(seeds, self.device)
-        cutouts = MakeCutouts(self.clip.input_size, cfg.cutouts.cutn, cfg.cutouts.cut_pow,
-                              cfg.cutouts.augments, cfg.cutouts.overview)
-        targets = self._targets(cfg, cutouts)
-        z = self._init_latents(cfg, streams).requires_grad_()  # (K, D, h, w)
+        streams, cutouts, targets, z = self._prepare(cfg, seeds)
         video = None
         if cfg.output.video:
             frames = len(range(0, steps, cfg.output.save_every)) + 1
@@ -220,7 +215,7 @@ class Generator:
     def _settle(self, cfg: DictConfig) -> None:
         """Check what only a run can check, fill in size and seed, refuse to overwrite outputs."""
         require_target(cfg)
-        check_precision(cfg.precision, self.device)
+        cfg.precision = resolve_precision(cfg.precision, self.device)  # what runs, recorded
         cfg.size = [self._round_side(s) for s in cfg.size]
         if cfg.seed is None:
             cfg.seed = int.from_bytes(os.urandom(4), "little") >> 1
@@ -249,7 +244,7 @@ class Generator:
                     losses.append(loss)
                     bar.update()
                     if (step + 1) % LOSS_EVERY == 0 or step + 1 == cfg.optim.steps:
-                        checked = _check_finite(losses, checked, z, cfg.optim.lr)
+                        checked = check_finite(losses, checked, z, cfg.optim.lr)
                         bar.set_postfix(loss=f"{losses[-1].mean().item():.4f}")
                     if video is not None and step % cfg.output.save_every == 0:
                         video.append(video_frame(image))
@@ -265,21 +260,59 @@ class Generator:
 
     def _step(self, cfg, z, z_init, opt, cutouts, streams, targets):
         opt.zero_grad(set_to_none=True)
+        image, loss = self._loss(cfg, z, z_init, cutouts, streams, targets)
+        loss.sum().backward()  # a sum: each candidate gets the gradient of its own loss
+        opt.step()
+        return image.detach(), loss.detach()
+
+    def _loss(self, cfg, z, z_init, cutouts, streams, targets):
+        """The decoded images ``(K, 3, H, W)`` and the losses ``(K,)`` of latents z, with their graph."""
+        decode, encode = self._compiled if cfg.compile else (self.vqgan.decode, self.clip.encode_image)
         z_q = self.vqgan.quantize_latents(z)  # fp32 always: code choice is a nearest-neighbour search
         with self._autocast(cfg):
-            image = self.vqgan.decode(z_q).float()  # (K, 3, H, W) in [0, 1]
+            image = decode(z_q, cfg.checkpoint).float()  # (K, 3, H, W) in [0, 1]
         cuts = cutouts(image, streams)  # (K * cutn, 3, S, S)
         with self._autocast(cfg):
-            embeds = self.clip.encode_image(cuts)  # (K * cutn, D), fp32
+            embeds = encode(cuts)  # (K * cutn, D), fp32
         embeds = embeds.view(z.shape[0], cfg.cutouts.cutn, -1)  # (K, cutn, D)
         loss = sum(prompt_loss(embeds, t.embeds, t.weight, t.stop) for t in targets)  # (K,)
         if cfg.prompts.init_weight:
             loss = loss + cfg.prompts.init_weight * init_loss(z, z_init)
         if cfg.tv_weight:
             loss = loss + cfg.tv_weight * tv_loss(image)
-        loss.sum().backward()  # a sum: each candidate gets the gradient of its own loss
-        opt.step()
-        return image.detach(), loss.detach()
+        return image, loss
+
+    @functools.cached_property
+    def _compiled(self):
+        """The decoder and CLIP's image encoder under torch.compile, made once per Generator."""
+        return torch.compile(self.vqgan.decode), torch.compile(self.clip.encode_image)
+
+    def _prepare(self, cfg: DictConfig, seeds: list[int]):
+        """Each candidate's random streams, the cutouts, the prompts' targets and the start z."""
+        streams = SeedStreams(seeds, self.device)
+        cutouts = MakeCutouts(self.clip.input_size, cfg.cutouts.cutn, cfg.cutouts.cut_pow,
+                              cfg.cutouts.augments, cfg.cutouts.overview)
+        targets = self._targets(cfg, cutouts)
+        z = self._init_latents(cfg, streams).requires_grad_()  # (K, D, h, w)
+        return streams, cutouts, targets, z
+
+    def loss_at(self, prompt: str | None = None, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first step's losses ``(K,)`` and their gradient on the latents ``(K, D, h, w)``.
+
+        The latents are the start and the cutouts the first step's of a run with these settings
+        (give ``seed``), so calls that differ only in ``precision`` see the same inputs: how far
+        a precision moves the loss and gradient from fp32's, with everything else fixed.
+        """
+        if prompt is not None:
+            kwargs["prompt"] = prompt
+        cfg = load_config(self.config, **kwargs)
+        if cfg.seed is None:
+            raise ValueError("loss_at needs a seed: the start and the cutouts come from it")
+        self._settle(cfg)
+        streams, cutouts, targets, z = self._prepare(cfg, [cfg.seed + k for k in range(cfg.candidates)])
+        _, loss = self._loss(cfg, z, z.detach(), cutouts, streams, targets)
+        loss.sum().backward()
+        return loss.detach(), z.grad
 
     @torch.no_grad()
     def denoise(self, cfg: DictConfig, z: torch.Tensor) -> None:
@@ -301,8 +334,8 @@ class Generator:
         z.copy_(self.vqgan.encode(image))
 
     def _autocast(self, cfg: DictConfig):
-        """Mixed precision for the decoder and CLIP when ``precision`` asks for it (opt-in)."""
-        if cfg.precision == "fp32":
+        """Mixed precision for the decoder and CLIP when ``precision`` (resolved) asks for it."""
+        if resolve_precision(cfg.precision, self.device) == "fp32":
             return contextlib.nullcontext()
         dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float16
         return torch.autocast(self.device.type, dtype=dtype)
@@ -360,45 +393,3 @@ def generate(prompt: str | None = None, *, config: DictConfig | dict | None = No
         kwargs["prompt"] = prompt
     gen = Generator.load(config, preset=preset, download=download, **kwargs)
     return gen.generate(callback=callback, progress=progress)
-
-
-def check_precision(precision: str, device: torch.device) -> None:
-    """Raise ValueError if ``precision`` cannot run on ``device``."""
-    if precision == "fp16" and device.type == "cpu":
-        raise ValueError("precision fp16 needs a GPU; on the CPU use bf16")
-
-
-def _check_finite(losses: list[torch.Tensor], checked: int, z: torch.Tensor, lr: float) -> int:
-    """Raise GenerationError if a loss since step ``checked``, or the latents, are not finite;
-    returns the number of steps checked. One wait for the device, however many steps."""
-    recent = torch.stack(losses[checked:]).cpu()  # (steps, K)
-    bad = (~torch.isfinite(recent)).any(1).nonzero()
-    if len(bad):
-        step = checked + int(bad[0])
-        raise GenerationError(f"the loss became {losses[step].tolist()} at step {step}: stopped "
-                              f"instead of saving a broken image; try a lower lr (now {lr})")
-    if not torch.isfinite(z).all():  # the last update itself can overflow
-        steps = f"step {len(losses) - 1}'s update" if len(losses) - checked == 1 else \
-            f"the updates of steps {checked}-{len(losses) - 1}"
-        raise GenerationError(f"the latents became NaN or inf in {steps}; try a lower lr (now {lr})")
-    return len(losses)
-
-
-def _memory_errors(cfg: DictConfig, run: Callable[[], GenerationResult]) -> GenerationResult:
-    """Run ``run``, turning out-of-memory errors into one line that names what reduces memory.
-
-    The new error is raised outside the ``except`` block, so it does not keep the original and
-    its frames (and their GPU tensors) alive in a notebook.
-    """
-    try:
-        return run()
-    except RuntimeError as e:  # torch.OutOfMemoryError is one; so is the CPU allocator's
-        text = str(e)
-        if isinstance(e, GenerationError) or not (
-                isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in text.lower()
-                or "can't allocate memory" in text):
-            raise
-    (w, h) = cfg.size
-    raise GenerationError(
-        f"out of memory on {cfg.device} at {w}x{h} with cutn {cfg.cutouts.cutn} and "
-        f"{cfg.candidates} candidate(s): lower --size, --cutn or --candidates")

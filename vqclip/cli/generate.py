@@ -40,8 +40,14 @@ def register(sub) -> None:
                    help="rounded to the VQGAN's factor (16 for the f16 models)")
     g.add_argument("--candidates", type=int, metavar="K", help="independent images in one batch")
     g.add_argument("--device", help="auto (default), cpu, cuda, cuda:N or mps")
-    g.add_argument("--precision", help="fp32 (default), bf16 or fp16 (GPU): mixed precision for "
-                                       "the decoder and CLIP")
+    g.add_argument("--precision", help="auto (default: bf16 on CPUs with native bf16, else fp32), "
+                                       "fp32, bf16 or fp16 (GPU): mixed precision for the decoder "
+                                       "and CLIP")
+    g.add_argument("--checkpoint", action="store_const", const=True,
+                   help="recompute the decoder's activations in the backward: less memory at "
+                        "large sizes, one more decoder forward per step")
+    g.add_argument("--compile", action="store_const", const=True,
+                   help="torch.compile the decoder and CLIP (once, on the first step)")
     g = p.add_argument_group("optimization")
     g.add_argument("--lr", type=float)
     g.add_argument("--optimizer", help=f"one of: {', '.join(OPTIMIZERS)}")

@@ -235,13 +235,41 @@ class VQGAN(nn.Module):
         z_q = codebook[d.argmin(-1)].movedim(-1, 1)
         return z + (z_q - z).detach()
 
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
+    def decode(self, z: torch.Tensor, checkpoint: bool = False) -> torch.Tensor:
         """Decode latents ``(B, D, h, w)`` to an image ``(B, 3, h*f, w*f)`` in [0, 1].
 
         The clamp to [0, 1] passes gradients that point inward (:func:`clamp_with_grad`).
+        ``checkpoint``: keep only each block's input for the backward and recompute the rest
+        (:func:`torch.utils.checkpoint.checkpoint`): less memory, one more decoder forward.
         """
-        x = self.decoder(self.post_quant_conv(z))  # taming's range: [-1, 1]
+        h = self.post_quant_conv(z)
+        x = _checkpointed_decoder(self.decoder, h) if checkpoint else self.decoder(h)  # [-1, 1]
         return clamp_with_grad(x.add(1).div(2), 0.0, 1.0)
+
+
+def _checkpointed_decoder(dec: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    """taming's ``Decoder.forward`` (no timestep embedding), each block under a checkpoint."""
+    from functools import partial
+
+    from torch.utils.checkpoint import checkpoint
+
+    from taming.modules.diffusionmodules.model import nonlinearity
+
+    ck = partial(checkpoint, use_reentrant=False, preserve_rng_state=False)  # no randomness
+    h = dec.conv_in(h)
+    h = dec.mid.attn_1(ck(dec.mid.block_1, h, None))
+    h = ck(dec.mid.block_2, h, None)
+    for i in reversed(range(dec.num_resolutions)):
+        level = dec.up[i]
+        for j, block in enumerate(level.block):
+            h = ck(block, h, None)
+            if len(level.attn) > 0:
+                h = ck(level.attn[j], h)
+        if i != 0:
+            h = ck(level.upsample, h)
+    if dec.give_pre_end:
+        return h
+    return dec.conv_out(nonlinearity(dec.norm_out(h)))
 
 
 def _model_state(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

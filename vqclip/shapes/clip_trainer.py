@@ -54,7 +54,7 @@ def train_clip(out: str | Path, steps: int = 4000, batch_size: int = 128, lr: fl
                negatives: Callable[[int], torch.Tensor] | None = None,
                init: str | Path | None = None, log_file: str | Path | None = None,
                log_every: int = 50, augments: tuple[str, ...] = ("affine", "noise"),
-               clutter: int = 48, bf16: bool = True, adversarial: float = 0.0,
+               clutter: int = 48, bf16: bool | None = None, adversarial: float = 0.0,
                attack_steps: int = 3, clean_weight: float = 0.0) -> Path:
     """Train the tiny CLIP contrastively on augmented renders and their captions.
 
@@ -65,7 +65,8 @@ def train_clip(out: str | Path, steps: int = 4000, batch_size: int = 128, lr: fl
             by default: perspective and colour jitter slow the learning of shape.
         clutter: how many procedural clutter images (:func:`vqclip.shapes.clutter`) join each
             batch as negatives: ragged blobs, textures, scattered pieces and almost-shapes.
-        bf16: run the forward pass under bf16 autocast (faster on CPUs with AVX-512 BF16).
+        bf16: run the forward pass under bf16 autocast (faster on CPUs with AVX-512 BF16); None:
+            where the CPU has bf16 arithmetic.
         adversarial: if > 0, train on PGD perturbations of the images of at most this L-inf size
             (in [0, 1] pixels, ``attack_steps`` steps), so that the image tower is robust and its
             gradients point at shapes rather than at imperceptible patterns (Madry et al. 2018;

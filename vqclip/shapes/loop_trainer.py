@@ -29,7 +29,7 @@ from ..generator import Generator
 from ..losses import spherical_distance
 from .clip_trainer import SHAPES_CLIP_ARCH, clip_batch, clip_update, contrastive, register_shapes_clip
 from .judge import judge
-from .training import log_record, save_weights
+from .training import bf16_autocast, log_record, save_weights
 from .world import LABEL_TEXTS, LABELS, SHAPES, clutter_batch, label_renders
 
 __all__ = ["train_clip_on_loop"]
@@ -356,7 +356,7 @@ class _Update:
                                      betas=(0.9, 0.98))
         warmup = min(100, steps)  # the same for every run length, so that runs can be continued
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda i: min(1.0, (i + 1) / warmup))
-        self.amp = torch.autocast(clip.device.type, dtype=torch.bfloat16)
+        self.amp = bf16_autocast(clip.device)
 
     def __call__(self, batch, banks: _Banks, positives: int, negatives: int,
                  g: torch.Generator) -> torch.Tensor:

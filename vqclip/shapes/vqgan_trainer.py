@@ -29,7 +29,7 @@ SHAPES_VQGAN_CONFIG = VQGANConfig(kind="vq", embed_dim=32, n_embed=512, ddconfig
     num_res_blocks=1, attn_resolutions=[], dropout=0.0))
 
 
-def _vq_forward(model: VQGAN, x: torch.Tensor, bf16: bool = False):
+def _vq_forward(model: VQGAN, x: torch.Tensor, bf16: bool | None = False):
     """Encoder and decoder under bf16 autocast if asked; the quantizer always in fp32."""
     with cpu_autocast(bf16):
         h = model.quant_conv(model.encoder(x * 2 - 1))
@@ -41,11 +41,12 @@ def _vq_forward(model: VQGAN, x: torch.Tensor, bf16: bool = False):
 
 def train_vqgan(out: str | Path, steps: int = 6000, batch_size: int = 32, lr: float = 1e-3,
                 seed: int = 0, save_every: int = 500, progress: bool = True,
-                log_file: str | Path | None = None, log_every: int = 50, bf16: bool = True) -> Path:
+                log_file: str | Path | None = None, log_every: int = 50, bf16: bool | None = None) -> Path:
     """Train the shapes VQGAN: L1 + MSE + codebook loss, with dead-code restarts.
 
     ``bf16`` runs the encoder and decoder under bf16 autocast (1.7x faster on a CPU with AVX-512
-    BF16; the quantizer stays in fp32). The saved weights are fp32 either way.
+    BF16; the quantizer stays in fp32); None (the default) does where the CPU has bf16
+    arithmetic. The saved weights are fp32 either way.
 
     Codes unused over the last 50 steps are moved onto random encoder outputs, so the whole
     codebook stays in use (a standard fix for codebook collapse, e.g. Jukebox, arXiv:2005.00341).

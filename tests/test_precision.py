@@ -1,0 +1,60 @@
+"""Precision: what `auto` chooses, that it is recorded, and that bf16 agrees with fp32 on a step
+with the latents and cutouts fixed (loss within 1%, gradient on z at cosine >= 0.99)."""
+
+import pytest
+import torch
+
+from vqclip.bench import precision_agreement, random_generator
+from vqclip.device import resolve_precision
+from vqclip.generator import Generator
+
+CPU, CUDA = torch.device("cpu"), torch.device("cuda")
+
+
+def test_auto_is_bf16_only_on_cpus_with_bf16_arithmetic(monkeypatch):
+    for avx512_bf16, amx, expected in ((False, False, "fp32"), (True, False, "bf16"),
+                                       (False, True, "bf16")):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+        assert resolve_precision("auto", CPU) == expected
+        assert resolve_precision("auto", CUDA) == "fp32"  # bf16 was no faster on an H100
+        assert resolve_precision("fp32", CPU) == "fp32" and resolve_precision("bf16", CPU) == "bf16"
+    with pytest.raises(ValueError, match="fp16 needs a GPU"):
+        resolve_precision("fp16", CPU)
+
+
+def test_the_precision_that_ran_is_recorded(tiny_generator, monkeypatch):
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    result = tiny_generator.generate("x", steps=1, seed=0, size=[32, 32], cutn=2, precision="auto")
+    assert result.config.precision == "fp32"
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    result = tiny_generator.generate("x", steps=1, seed=0, size=[32, 32], cutn=2, precision="auto")
+    assert result.config.precision == "bf16"
+
+
+def test_loss_at_is_the_first_step_of_a_run(tiny_generator):
+    loss, grad = tiny_generator.loss_at("a red circle", seed=3, size=[32, 32], cutn=2,
+                                        precision="fp32")
+    seen = []
+    tiny_generator.generate("a red circle", seed=3, size=[32, 32], cutn=2, precision="fp32",
+                            steps=1, callback=lambda step, info: seen.append(info["loss"]))
+    assert torch.equal(loss, seen[0]) and grad.shape[0] == 1
+    assert (grad.abs().sum(1) > 0).all()  # every latent cell's footprint is seen by some cutout
+    with pytest.raises(ValueError, match="needs a seed"):
+        tiny_generator.loss_at("x", size=[32, 32], cutn=2)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_bf16_agrees_with_fp32_on_the_bundled_pair(seed):
+    gen = Generator.load(preset="shapes", download=False)
+    check = precision_agreement(gen, "bf16", prompt="a red circle", seed=seed)
+    assert check["loss_rel_diff"] < 0.01 and check["grad_cosine"] >= 0.99, check
+
+
+def test_bf16_agrees_with_fp32_on_the_official_architectures():
+    """imagenet_f16_16384 + ViT-B/32 (random weights) at 64x64 with 4 cutouts, every default
+    augmentation: small, since CPUs without bf16 arithmetic emulate it slowly."""
+    gen = random_generator("cpu")
+    check = precision_agreement(gen, "bf16", prompt="a red circle", seed=0, size=[64, 64], cutn=4)
+    assert check["loss_rel_diff"] < 0.01 and check["grad_cosine"] >= 0.99, check
