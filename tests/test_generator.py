@@ -324,3 +324,19 @@ def test_a_cuda_step_never_waits_for_the_device(tiny_models):
             tiny._step(cfg, z, z.detach(), opt, cutouts, streams, targets)
     finally:
         torch.cuda.set_sync_debug_mode(0)
+
+
+def test_ctrl_c_between_loss_reads_still_refuses_a_nan_image(tiny_generator, tmp_path,
+                                                             monkeypatch):
+    import vqclip.generator as g
+
+    monkeypatch.setattr(g, "prompt_loss", lambda e, *a, **k: e.sum((1, 2)) * float("nan"))
+
+    def ctrl_c(step, info):
+        if step == 2:  # before the first read of the losses, at step 9
+            raise KeyboardInterrupt
+
+    with pytest.raises(GenerationError, match="loss became .*nan.* at step 0"):
+        tiny_generator.generate("x", steps=20, output=str(tmp_path / "o.png"), callback=ctrl_c,
+                                **SMALL)
+    assert list(tmp_path.iterdir()) == []

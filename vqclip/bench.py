@@ -66,6 +66,8 @@ def bench_one(size: int, cutn: int, *, steps: int = 4, device: str = "auto",
         torch.set_num_threads(threads)
     gen = random_generator(device)
     cuda = gen.device.type == "cuda"
+    if cuda:  # synchronize and the memory counters act on the current device
+        torch.cuda.set_device(gen.device)
     marks: dict[int, float] = {}
 
     def tick(step: int, info: dict) -> None:
@@ -83,7 +85,7 @@ def bench_one(size: int, cutn: int, *, steps: int = 4, device: str = "auto",
         peak = torch.cuda.max_memory_allocated()
     else:  # ru_maxrss is in KiB on Linux, in bytes on macOS
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
-    return {"size": size, "cutn": cutn, "device": str(gen.device),
+    return {"size": result.config.size[0], "cutn": cutn, "device": str(gen.device),
             "precision": result.config.precision, "checkpoint": checkpoint, "compile": compile,
             "threads": torch.get_num_threads(),
             "steps_timed": steps - 1,
@@ -128,8 +130,9 @@ def machine() -> str:
             cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    flags = [name for name, ok in (("AVX512-BF16", torch.cpu._is_avx512_bf16_supported()),
-                                   ("AMX", torch.cpu._is_amx_tile_supported())) if ok]
+    flags = [name for name, helper in (("AVX512-BF16", "_is_avx512_bf16_supported"),
+                                       ("AMX", "_is_amx_tile_supported"))
+             if getattr(torch.cpu, helper, lambda: False)()]
     gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
     return (f"CPU {cpu} ({torch.backends.cpu.get_cpu_capability()}{''.join(', ' + f for f in flags)})"
             f"{gpu}, torch {torch.__version__}, {torch.get_num_threads()} threads")

@@ -130,6 +130,9 @@ class MakeCutouts(nn.Module):
         base = torch.stack([x, y, torch.ones_like(x)], -1).view(-1, 3)  # (S * S, 3) homogeneous
         grid = base @ matrix.transpose(1, 2)  # (B * n, S * S, 3): where each pixel looks
         grid = (grid[..., :2] / grid[..., 2:]).view(B, n * S, S, 2)  # all cutouts of an image
+        if images.dtype not in (torch.float32, torch.float64):  # grid_sample wants one dtype
+            images = images.float()
+        grid = grid.to(images.dtype)
         levels = self._levels(images, H, W)
         level = level.clamp(max=len(levels) - 1)
         cuts = 0
@@ -157,8 +160,9 @@ class MakeCutouts(nn.Module):
         rectangle (18-21: top, left, height, width as fractions), the sharpness factor (22), the
         noise's standard deviation (23), the crop's side in pixels (24) and its level of
         detail (25: log2 of the crop's scale, the pooled level it is read from).
-        The draws happen in a fixed order whatever the augmentations, so adding one does not
-        change the crops of a seed.
+        The same columns are drawn whatever the augmentations, so adding one does not change
+        this step's crops; on the CPU the noise images come from the same generator, so turning
+        noise on or off does change later steps' draws.
         """
         n, ov = self.cutn, self.overview
         u = _draws(generator, n, 18)  # (n, 18) uniforms in [0, 1)

@@ -55,4 +55,6 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 
 def cpu_has_bf16() -> bool:
     """Whether this CPU does bf16 arithmetic natively (AVX512-BF16 or AMX)."""
-    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    # private helpers of torch.cpu (AMX's since about torch 2.4): absent means no
+    return any(getattr(torch.cpu, name, lambda: False)()
+               for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))

@@ -252,6 +252,8 @@ class Generator:
                         callback(step, {"image": image, "loss": loss, "z": z.detach()})
             except KeyboardInterrupt:
                 interrupted = True  # keep what was made: the current image, the video so far
+        if len(losses) > checked:  # steps since the last read: never keep a NaN image
+            check_finite(losses, checked, z, cfg.optim.lr)
         with torch.no_grad():
             final = self.vqgan.decode(self.vqgan.quantize_latents(z.clamp(lo, hi)))
         if video is not None:
@@ -308,6 +310,7 @@ class Generator:
         cfg = load_config(self.config, **kwargs)
         if cfg.seed is None:
             raise ValueError("loss_at needs a seed: the start and the cutouts come from it")
+        cfg.output.path = cfg.output.video = None  # it writes nothing
         self._settle(cfg)
         streams, cutouts, targets, z = self._prepare(cfg, [cfg.seed + k for k in range(cfg.candidates)])
         _, loss = self._loss(cfg, z, z.detach(), cutouts, streams, targets)
@@ -335,9 +338,10 @@ class Generator:
 
     def _autocast(self, cfg: DictConfig):
         """Mixed precision for the decoder and CLIP when ``precision`` (resolved) asks for it."""
-        if resolve_precision(cfg.precision, self.device) == "fp32":
+        precision = resolve_precision(cfg.precision, self.device)
+        if precision == "fp32":
             return contextlib.nullcontext()
-        dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float16
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float16
         return torch.autocast(self.device.type, dtype=dtype)
 
     def _round_side(self, side: int) -> int:

@@ -173,6 +173,8 @@ class _Patchify(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         (N, C, H, W), (ph, pw) = x.shape, self.patch
+        if H % ph or W % pw:  # the convolution drops the remainder; keep its behaviour
+            return F.conv2d(x, self.weight, self.bias, stride=self.patch)
         patches = x.view(N, C, H // ph, ph, W // pw, pw).permute(0, 2, 4, 1, 3, 5)
         out = F.linear(patches.reshape(N, (H // ph) * (W // pw), C * ph * pw),
                        self.weight.view(len(self.weight), -1), self.bias)  # (N, h * w, D)
