@@ -130,9 +130,9 @@ def machine() -> str:
             cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    flags = [name for name, helper in (("AVX512-BF16", "_is_avx512_bf16_supported"),
-                                       ("AMX", "_is_amx_tile_supported"))
-             if getattr(torch.cpu, helper, lambda: False)()]
+    from .device import cpu_bf16_features
+
+    flags = cpu_bf16_features()
     gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
     return (f"CPU {cpu} ({torch.backends.cpu.get_cpu_capability()}{''.join(', ' + f for f in flags)})"
             f"{gpu}, torch {torch.__version__}, {torch.get_num_threads()} threads")

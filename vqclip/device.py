@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["check_precision", "cpu_has_bf16", "resolve_device", "resolve_precision"]
+__all__ = ["check_precision", "cpu_bf16_features", "cpu_has_bf16", "resolve_device",
+           "resolve_precision"]
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -55,6 +56,12 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 
 def cpu_has_bf16() -> bool:
     """Whether this CPU does bf16 arithmetic natively (AVX512-BF16 or AMX)."""
+    return bool(cpu_bf16_features())
+
+
+def cpu_bf16_features() -> list[str]:
+    """This CPU's bf16 arithmetic: ``["AVX512-BF16", "AMX"]``, either, or none."""
     # private helpers of torch.cpu (AMX's since about torch 2.4): absent means no
-    return any(getattr(torch.cpu, name, lambda: False)()
-               for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+    return [name for name, helper in (("AVX512-BF16", "_is_avx512_bf16_supported"),
+                                      ("AMX", "_is_amx_tile_supported"))
+            if getattr(torch.cpu, helper, lambda: False)()]
