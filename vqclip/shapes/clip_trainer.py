@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..cutouts import build_augments
-from .training import cpu_autocast, log_record, save_weights, warmup_cosine
+from .training import bf16_autocast, log_record, save_weights, warmup_cosine
 from .world import LABEL_TEXTS, LABELS, batch, caption, clutter_batch
 
 __all__ = ["SHAPES_CLIP_ARCH", "SHAPES_CLIP_CONFIG", "clip_batch", "clip_update", "contrastive",
@@ -94,7 +94,7 @@ def train_clip(out: str | Path, steps: int = 4000, batch_size: int = 128, lr: fl
     sched = warmup_cosine(opt, steps)
 
     def encode_image(x: torch.Tensor) -> torch.Tensor:  # (B, 3, 64, 64) in [0, 1] -> (B, D) unit
-        with cpu_autocast(bf16):
+        with bf16_autocast("cpu", bf16):
             x = model.encode_image((x - mean[:, None, None]) / std[:, None, None])
         return F.normalize(x.float(), dim=-1)
 
@@ -108,7 +108,7 @@ def train_clip(out: str | Path, steps: int = 4000, batch_size: int = 128, lr: fl
         # captions repeat within a batch ("a red circle"): all images with that caption are right
         same = torch.tensor([[a == b for b in texts] for a in texts], dtype=torch.float32)
 
-        with cpu_autocast(bf16):
+        with bf16_autocast("cpu", bf16):
             txt = F.normalize(model.encode_text(tokenizer(texts)).float(), dim=-1)
         scale = model.logit_scale.exp()
         clean_share = clean_weight if adversarial else 1.0

@@ -12,7 +12,7 @@ import torch
 
 from ..checkpoints import save_safetensors
 
-__all__ = ["bf16_autocast", "cpu_autocast", "log_record", "save_weights", "warmup_cosine"]
+__all__ = ["bf16_autocast", "log_record", "save_weights", "warmup_cosine"]
 
 
 def warmup_cosine(opt: torch.optim.Optimizer, steps: int):
@@ -27,20 +27,14 @@ def save_weights(state: dict, path: Path, metadata: dict[str, str]) -> None:
     save_safetensors({k: v.detach().cpu().contiguous() for k, v in state.items()}, path, metadata)
 
 
-def cpu_autocast(bf16: bool | None):
-    """bf16 autocast on the CPU if ``bf16``; None: where the CPU has bf16 arithmetic (elsewhere
-    it is emulated, tens of times slower than fp32)."""
+def bf16_autocast(device: str | torch.device = "cpu", bf16: bool | None = None):
+    """bf16 autocast if ``bf16``; None: on a GPU, and on a CPU with bf16 arithmetic (elsewhere it
+    is emulated, tens of times slower than fp32)."""
     from ..device import cpu_has_bf16
 
-    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=cpu_has_bf16() if bf16 is None else bf16)
-
-
-def bf16_autocast(device: torch.device):
-    """bf16 autocast on a GPU, and on a CPU with bf16 arithmetic; plain fp32 elsewhere."""
-    from ..device import cpu_has_bf16
-
-    return torch.autocast(device.type, dtype=torch.bfloat16,
-                          enabled=device.type != "cpu" or cpu_has_bf16())
+    device = torch.device(device)
+    enabled = (device.type != "cpu" or cpu_has_bf16()) if bf16 is None else bf16
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
 
 
 def log_record(path: str | Path | None, record: dict) -> None:

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..models.vqgan import VQGAN, VQGANConfig
-from .training import cpu_autocast, log_record, save_weights, warmup_cosine
+from .training import bf16_autocast, log_record, save_weights, warmup_cosine
 from .world import batch
 
 __all__ = ["SHAPES_VQGAN_CONFIG", "eval_vqgan", "train_vqgan"]
@@ -31,10 +31,10 @@ SHAPES_VQGAN_CONFIG = VQGANConfig(kind="vq", embed_dim=32, n_embed=512, ddconfig
 
 def _vq_forward(model: VQGAN, x: torch.Tensor, bf16: bool | None = False):
     """Encoder and decoder under bf16 autocast if asked; the quantizer always in fp32."""
-    with cpu_autocast(bf16):
+    with bf16_autocast("cpu", bf16):
         h = model.quant_conv(model.encoder(x * 2 - 1))
     z_q, q_loss, (_, _, indices) = model.quantize(h.float())
-    with cpu_autocast(bf16):
+    with bf16_autocast("cpu", bf16):
         rec = model.decoder(model.post_quant_conv(z_q))
     return rec.float().add(1).div(2), q_loss, h.float(), indices  # [0, 1], unclamped
 
