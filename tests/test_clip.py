@@ -115,6 +115,8 @@ def test_full_size_vit_b_32_openai_from_the_cache_gets_quick_gelu(isolated_cache
     import open_clip
     from open_clip.transformer import QuickGELU
 
+    from vqclip.models.clip import _QuickGELU
+
     torch.manual_seed(0)
     model = open_clip.create_model("ViT-B-32", force_quick_gelu=True)
     sd = model.state_dict()
@@ -126,7 +128,8 @@ def test_full_size_vit_b_32_openai_from_the_cache_gets_quick_gelu(isolated_cache
     assert clip.name == "ViT-B-32/openai" and clip.input_size == 224
     assert clip.mean == pytest.approx((0.48145466, 0.4578275, 0.40821073))
     # OpenAI's weights need QuickGELU; a GELU model would load them "fine" and be wrong (open_clip#771)
-    assert isinstance(clip.model.visual.transformer.resblocks[0].mlp.gelu, QuickGELU)
+    assert isinstance(clip.model.transformer.resblocks[0].mlp.gelu, QuickGELU)
+    assert isinstance(clip.model.visual.transformer.resblocks[0].mlp.gelu, _QuickGELU)  # fused
     assert torch.equal(clip.model.state_dict()["visual.proj"], sd["visual.proj"])
     with torch.no_grad():
         assert clip.encode_image(torch.rand(1, 3, 224, 224)).shape == (1, 512)
@@ -166,3 +169,36 @@ def test_bundled_models_are_never_downloaded(monkeypatch, isolated_cache):
         "files": {"weights": pretrained.RemoteFile("", "w.safetensors")}})
     with pytest.raises(pretrained.DownloadError, match="ships with vqclip in .*checkpoints.*restore"):
         pretrained.download("vqclip-test-bundled/v1")
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_fast_visual_matches_open_clips_image_tower(tiny_arch, tiny_weights, bf16):
+    """Same embeddings and input gradients as open_clip's own tower (its nn.MultiheadAttention and
+    patch convolution), in fp32 and under the loop's bf16 autocast; the same state-dict keys."""
+    import copy
+
+    import open_clip
+
+    from vqclip.models.clip import _Patchify, _QuickGELU, _SelfAttention, fast_visual
+
+    reference = open_clip.create_model(tiny_arch, force_quick_gelu=True).eval().requires_grad_(False)
+    reference.load_state_dict(tiny_weights)
+    fast = fast_visual(copy.deepcopy(reference))
+    assert isinstance(fast.visual.conv1, _Patchify)
+    assert all(isinstance(b.attn, _SelfAttention) and isinstance(b.mlp.gelu, _QuickGELU)
+               for b in fast.visual.transformer.resblocks)
+    assert fast.state_dict().keys() == reference.state_dict().keys()
+
+    images = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    outputs, grads = [], []
+    for model in (reference, fast):
+        x = images.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            out = model.encode_image(x).float()
+        out.square().sum().backward()
+        outputs.append(out)
+        grads.append(x.grad)
+    tol = 3e-2 if bf16 else 1e-5  # bf16 keeps 8 bits: the two orders of rounding differ
+    assert torch.allclose(outputs[1], outputs[0], rtol=tol, atol=tol)
+    cos = torch.nn.functional.cosine_similarity(grads[1].flatten(), grads[0].flatten(), dim=0)
+    assert cos > (0.99 if bf16 else 1 - 1e-6)

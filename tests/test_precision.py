@@ -58,3 +58,38 @@ def test_bf16_agrees_with_fp32_on_the_official_architectures():
     gen = random_generator("cpu")
     check = precision_agreement(gen, "bf16", prompt="a red circle", seed=0, size=[64, 64], cutn=4)
     assert check["loss_rel_diff"] < 0.01 and check["grad_cosine"] >= 0.99, check
+
+
+def test_low_precision_copies_round_as_autocast_and_follow_the_weights(tiny_generator):
+    """The loop's bf16 copies of the decoder and CLIP's image tower: the originals untouched, the
+    norms in fp32, the same images and embeddings as autocast over the fp32 models, and a new
+    copy once a weight changes in place."""
+    from vqclip.models.low_precision import LowPrecisionCopies
+
+    vqgan, clip = tiny_generator.vqgan, tiny_generator.clip
+    copies = LowPrecisionCopies()
+    twin = copies.get(vqgan, ["post_quant_conv", "decoder"], torch.bfloat16)
+    assert copies.get(vqgan, ["post_quant_conv", "decoder"], torch.bfloat16) is twin  # made once
+    assert twin.encoder is vqgan.encoder and twin.decoder is not vqgan.decoder
+    assert twin.decoder.conv_in.weight.dtype == torch.bfloat16
+    assert twin.decoder.norm_out.weight.dtype == torch.float32  # as autocast leaves norms
+    assert all(p.dtype == torch.float32 for p in vqgan.parameters())
+
+    z = torch.randn(2, vqgan.embed_dim, 4, 4, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(twin.decode(z), vqgan.decode(z))
+        visual = copies.get(clip.model, ["visual"], torch.bfloat16).visual
+        images = clip.normalize(torch.rand(2, 3, clip.input_size, clip.input_size))
+        assert torch.equal(visual(images), clip.model.visual(images))
+
+    bias = vqgan.decoder.conv_out.bias
+    before = bias.clone()
+    with torch.no_grad():
+        bias.add_(1.0)  # a trainer's in-place update
+    try:
+        again = copies.get(vqgan, ["post_quant_conv", "decoder"], torch.bfloat16)
+        assert again is not twin
+        assert torch.equal(again.decoder.conv_out.bias, bias.bfloat16())
+    finally:
+        with torch.no_grad():
+            bias.copy_(before)  # the generator is shared by other tests

@@ -161,10 +161,17 @@ def execute(block: Block, cwd: Path, env: dict) -> str:
 NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 
 
-def same_output(expected: str, actual: str) -> bool:
+# How far a score printed after a generation may move on another kind of CPU: its kernels round
+# differently, and 60 steps of optimization can carry that into one candidate (the README's
+# "a blue square" seed 1: 0.6689 on an AVX2 EPYC, 0.6844 on an AVX-512 EPYC; the other three
+# candidates agreed to 1e-4). Different seeds or settings move scores by 0.05 to 0.3.
+ACROSS_CPUS = 0.03
+
+
+def same_output(expected: str, actual: str, tolerance: float = 1e-3) -> bool:
     """Word by word, ignoring column widths. Whole numbers must be equal; a decimal may differ by
-    1e-3, or by 1.5 units of its last printed digit if that is coarser (``99.9%``), since thread
-    counts change the last bits of a float."""
+    ``tolerance``, or by 1.5 units of its last printed digit if that is coarser (``99.9%``),
+    since thread counts change the last bits of a float."""
     exp, act = expected.strip().splitlines(), actual.strip().splitlines()
     if len(exp) != len(act):
         return False
@@ -173,8 +180,8 @@ def same_output(expected: str, actual: str) -> bool:
             return False
         for e, a in zip(NUMBER.findall(e_line), NUMBER.findall(a_line), strict=True):
             decimals = len(e.partition(".")[2])
-            tolerance = max(1e-3, 1.5 * 10 ** -decimals) if decimals else 0
-            if abs(float(e) - float(a)) > tolerance:
+            allowed = max(tolerance, 1.5 * 10 ** -decimals) if decimals else 0
+            if abs(float(e) - float(a)) > allowed:
                 return False
     return True
 
@@ -185,6 +192,8 @@ def test_same_output_tells_apart_what_matters():
     assert not same_output(shown, "   1   0.7876  square-0.png\n   2   0.7902  square-1.png")
     assert not same_output(shown, "   1   0.7950  square-1.png\n   2   0.7876  square-0.png")
     assert same_output("red circle 99.9%", "red circle 100.0%")
+    assert same_output(shown, "   1   0.8102  square-1.png\n   2   0.7876  square-0.png", ACROSS_CPUS)
+    assert not same_output(shown, "   1   0.7500  square-1.png\n   2   0.7876  square-0.png", ACROSS_CPUS)
     assert not same_output("red circle 99.9%", "red circle 99.5%")
 
 
@@ -193,7 +202,8 @@ def test_run_blocks_run_and_print_what_the_readme_shows(block, tmp_path):
     cwd, env = sandbox(tmp_path)
     printed = execute(block, cwd, env)
     if block.output:
-        assert same_output(block.output.body, printed), f"{block} printed:\n{printed}"
+        tolerance = ACROSS_CPUS if "vqclip generate" in block.body else 1e-3
+        assert same_output(block.output.body, printed, tolerance), f"{block} printed:\n{printed}"
 
 
 def mean_difference(a: Image.Image, b: Image.Image) -> float:
@@ -204,8 +214,9 @@ def mean_difference(a: Image.Image, b: Image.Image) -> float:
 @pytest.mark.parametrize("block", GALLERY, ids=str)
 def test_gallery_commands_still_make_the_committed_images(block, tmp_path):
     """The gallery shows the project's real outputs: each command, run again, makes the same files,
-    and their pixels agree to within a mean of 1 level in 255 (rounding across thread counts;
-    another seed or setting differs by tens)."""
+    and their pixels agree to within a mean of 5 levels in 255. Rounding differs across thread
+    counts and CPU kinds: "a blue square" seed 1's first candidate is 1.27 levels apart between
+    an AVX2 and an AVX-512 EPYC, the other three equal; another seed or setting differs by 50."""
     cwd, env = sandbox(tmp_path)
     shutil.rmtree(cwd / "docs" / "gallery")
     execute(block, cwd, env)
@@ -219,7 +230,7 @@ def test_gallery_commands_still_make_the_committed_images(block, tmp_path):
             old_frames = list(ImageSequence.Iterator(Image.open(committed)))
             assert len(new_frames) == len(old_frames), name
             for new, old in zip(new_frames, old_frames, strict=True):
-                assert mean_difference(new, old) <= 1.0, f"docs/gallery/{name} no longer matches"
+                assert mean_difference(new, old) <= 5.0, f"docs/gallery/{name} no longer matches"
 
 
 def test_links_and_images_point_at_something():

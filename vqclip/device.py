@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
-__all__ = ["check_precision", "cpu_bf16_features", "cpu_has_bf16", "resolve_device",
-           "resolve_precision"]
+__all__ = ["AUTOCAST_DTYPES", "autocast", "check_precision", "cpu_bf16_features", "cpu_has_bf16",
+           "resolve_device", "resolve_precision"]
+
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}  # by precision; fp32 has none
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -52,6 +56,15 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     if precision != "auto":
         return precision
     return "bf16" if device.type == "cpu" and cpu_has_bf16() else "fp32"
+
+
+def autocast(precision: str, device: torch.device):
+    """Mixed precision for ``precision`` (``auto`` resolved here) on ``device``: autocast to
+    bf16 or fp16, or nothing for fp32."""
+    precision = resolve_precision(precision, device)
+    if precision not in AUTOCAST_DTYPES:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=AUTOCAST_DTYPES[precision])
 
 
 def cpu_has_bf16() -> bool:

@@ -7,13 +7,21 @@ from typing import Callable, TypeVar
 import torch
 from omegaconf import DictConfig
 
-__all__ = ["GenerationError", "check_finite", "memory_errors"]
+__all__ = ["GenerationError", "GenerationInterrupted", "check_finite", "memory_errors"]
 
 T = TypeVar("T")
 
 
 class GenerationError(RuntimeError):
     """The loop cannot go on: a non-finite loss, or out of memory."""
+
+
+class GenerationInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a run; ``.result`` holds the images as they were (already saved if asked)."""
+
+    def __init__(self, result):
+        super().__init__(f"interrupted after {result.steps_done} steps")
+        self.result = result  # a vqclip.outputs.GenerationResult
 
 
 def check_finite(losses: list[torch.Tensor], checked: int, z: torch.Tensor, lr: float) -> int:

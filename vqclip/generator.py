@@ -25,6 +25,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import logging
 import os
@@ -39,10 +40,11 @@ from tqdm.auto import tqdm
 
 from .config import GenerateConfig, load_config, require_target
 from .cutouts import MakeCutouts, SeedStreams
-from .device import check_precision, resolve_precision
-from .errors import GenerationError, check_finite, memory_errors
+from .device import AUTOCAST_DTYPES, autocast, check_precision, resolve_precision
+from .errors import GenerationError, GenerationInterrupted, check_finite, memory_errors
 from .images import load_image, to_pil, to_tensor
 from .losses import init_loss, prompt_loss, tv_loss
+from .models.low_precision import LowPrecisionCopies
 from .outputs import GenerationResult, check_outputs, video_frame
 from .prompts import (
     Target,
@@ -61,14 +63,6 @@ log = logging.getLogger(__name__)
 
 Callback = Callable[[int, dict[str, Any]], None]
 LOSS_EVERY = 10  # steps between reads of the loss (a wait for the device) and NaN checks
-
-
-class GenerationInterrupted(KeyboardInterrupt):
-    """Ctrl-C during a run; ``.result`` holds the images as they were (already saved if asked)."""
-
-    def __init__(self, result: "GenerationResult"):
-        super().__init__(f"interrupted after {result.steps_done} steps")
-        self.result = result
 
 
 def make_optimizer(name: str, params: list[torch.Tensor], lr: float) -> torch.optim.Optimizer:
@@ -92,6 +86,7 @@ class Generator:
         self.vqgan, self.clip, self.rank_clip = vqgan, clip, rank_clip
         self.config = config if config is not None else OmegaConf.structured(GenerateConfig)
         self.device = clip.device
+        self._low_precision = LowPrecisionCopies()
 
     @functools.cached_property
     def scorer(self):
@@ -269,12 +264,12 @@ class Generator:
 
     def _loss(self, cfg, z, z_init, cutouts, streams, targets):
         """The decoded images ``(K, 3, H, W)`` and the losses ``(K,)`` of latents z, with their graph."""
-        decode, encode = self._compiled if cfg.compile else (self.vqgan.decode, self.clip.encode_image)
+        decode, encode = self._models(cfg)
         z_q = self.vqgan.quantize_latents(z)  # fp32 always: code choice is a nearest-neighbour search
-        with self._autocast(cfg):
+        with autocast(cfg.precision, self.device):
             image = decode(z_q, cfg.checkpoint).float()  # (K, 3, H, W) in [0, 1]
         cuts = cutouts(image, streams)  # (K * cutn, 3, S, S)
-        with self._autocast(cfg):
+        with autocast(cfg.precision, self.device):
             embeds = encode(cuts)  # (K * cutn, D), fp32
         embeds = embeds.view(z.shape[0], cfg.cutouts.cutn, -1)  # (K, cutn, D)
         loss = sum(prompt_loss(embeds, t.embeds, t.weight, t.stop) for t in targets)  # (K,)
@@ -283,6 +278,19 @@ class Generator:
         if cfg.tv_weight:
             loss = loss + cfg.tv_weight * tv_loss(image)
         return image, loss
+
+    def _models(self, cfg: DictConfig):
+        """The decoder and image encoder of a step (``cfg`` settled): compiled if asked; under
+        bf16 or fp16, copies whose weights are in that dtype already (autocast would cast them
+        on every call; :mod:`vqclip.models.low_precision`)."""
+        if cfg.compile:
+            return self._compiled
+        if cfg.precision not in AUTOCAST_DTYPES:
+            return self.vqgan.decode, self.clip.encode_image
+        copies, dtype = self._low_precision, AUTOCAST_DTYPES[cfg.precision]
+        vqgan = copies.get(self.vqgan, ["post_quant_conv", "decoder"], dtype)
+        clip = dataclasses.replace(self.clip, model=copies.get(self.clip.model, ["visual"], dtype))
+        return vqgan.decode, clip.encode_image
 
     @functools.cached_property
     def _compiled(self):
@@ -331,18 +339,10 @@ class Generator:
                 decoder's.
             z: latents ``(K, D, h, w)`` of this generator's VQGAN, overwritten.
         """
-        with self._autocast(cfg):
+        with autocast(cfg.precision, self.device):
             image = self.vqgan.decode(self.vqgan.quantize_latents(z)).float()
         image = median_blur(image, cfg.denoise_size)
         z.copy_(self.vqgan.encode(image))
-
-    def _autocast(self, cfg: DictConfig):
-        """Mixed precision for the decoder and CLIP when ``precision`` (resolved) asks for it."""
-        precision = resolve_precision(cfg.precision, self.device)
-        if precision == "fp32":
-            return contextlib.nullcontext()
-        dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-        return torch.autocast(self.device.type, dtype=dtype)
 
     def _round_side(self, side: int) -> int:
         f = self.vqgan.downsample_factor
