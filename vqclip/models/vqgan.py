@@ -241,8 +241,11 @@ class VQGAN(nn.Module):
         The clamp to [0, 1] passes gradients that point inward (:func:`clamp_with_grad`).
         ``checkpoint``: keep only each block's input for the backward and recompute the rest
         (:func:`torch.utils.checkpoint.checkpoint`): less memory, one more decoder forward.
+        The decoder runs channels-last, whatever layout z has: forward and backward at 256x256
+        took 1.15 s against 1.87 channels-first in bf16, 2.06 against 3.58 in fp32, on a 2-core
+        AVX512-BF16 EPYC.
         """
-        h = self.post_quant_conv(z)
+        h = self.post_quant_conv(z.contiguous(memory_format=torch.channels_last))
         x = _checkpointed_decoder(self.decoder, h) if checkpoint else self.decoder(h)  # [-1, 1]
         return clamp_with_grad(x.add(1).div(2), 0.0, 1.0)
 
