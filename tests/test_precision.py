@@ -75,9 +75,17 @@ def test_low_precision_copies_round_as_autocast_and_follow_the_weights(tiny_gene
     assert twin.decoder.norm_out.weight.dtype == torch.float32  # as autocast leaves norms
     assert all(p.dtype == torch.float32 for p in vqgan.parameters())
 
-    z = torch.randn(2, vqgan.embed_dim, 4, 4, generator=torch.Generator().manual_seed(0))
+    assert not any(p.requires_grad for p in twin.decoder.parameters())
+    z0 = torch.randn(2, vqgan.embed_dim, 4, 4, generator=torch.Generator().manual_seed(0))
+    grads = []
+    for model in (twin, vqgan):  # forward and backward, with the decoder checkpointed
+        z = z0.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            image = model.decode(z, checkpoint=True)
+        image.square().sum().backward()
+        grads.append((image.detach(), z.grad))
+    assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        assert torch.equal(twin.decode(z), vqgan.decode(z))
         visual = copies.get(clip.model, ["visual"], torch.bfloat16).visual
         images = clip.normalize(torch.rand(2, 3, clip.input_size, clip.input_size))
         assert torch.equal(visual(images), clip.model.visual(images))

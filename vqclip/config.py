@@ -20,8 +20,8 @@ from typing import Any, Optional
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-__all__ = ["AUGMENTS", "FLAT_KEYS", "INITS", "OPTIMIZERS", "PRECISIONS", "PRESET_DIR", "GenerateConfig",
-           "check_config", "list_presets", "load_config", "require_target"]
+__all__ = ["AUGMENTS", "BORDERS", "FLAT_KEYS", "INITS", "OPTIMIZERS", "PRECISIONS", "PRESET_DIR", "GenerateConfig",
+           "check_config", "frame_prompts", "list_presets", "load_config", "require_target"]
 
 PRESET_DIR = Path(__file__).resolve().parent.parent / "configs"
 DEFAULT_PRESET = "imagenet"
@@ -29,6 +29,7 @@ OPTIMIZERS = ("adam", "adamw", "sgd", "radam", "rmsprop")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 INITS = ("random", "flat", "gray")
 AUGMENTS = ("affine", "perspective", "jitter", "erasing", "noise", "flip", "sharpness")
+BORDERS = ("reflect", "edge")
 MAX_SIDE = 4096  # pixels; beyond this a VQGAN decoder needs tens of GB for activations
 MAX_CANDIDATES = 64
 MAX_LR = 100.0  # latents live in the codebook's range (about ±5 for the official models)
@@ -83,6 +84,24 @@ class OutputConfig:
 
 
 @dataclass
+class AnimationConfig:
+    """``vqclip animate``: frame 0 is a generation, each next frame the previous one transformed
+    and optimized again. Transform values are schedules (:mod:`vqclip.schedules`)."""
+
+    frames: int = 30
+    steps_per_frame: int = 20
+    first_steps: Optional[int] = None  # frame 0's steps; None: optim.steps
+    zoom: str = "1.0"  # > 1 moves closer: 1.05 is 5% closer per frame, about the centre
+    angle: str = "0"  # degrees per frame, counter-clockwise
+    translate_x: str = "0"  # pixels per frame; the picture moves right
+    translate_y: str = "0"  # pixels per frame; the picture moves down
+    border: str = "reflect"  # what fills the uncovered edges: "reflect" or "edge" (repeat)
+    prompt_at: list[str] = field(default_factory=list)  # "FRAME:TEXT" switch points
+    fps: int = 12
+    output: Optional[str] = None  # the folder for frames, frames.jsonl and (by default) the video
+
+
+@dataclass
 class GenerateConfig:
     seed: Optional[int] = None  # None: a random seed, recorded in the outputs
     size: list[int] = field(default_factory=lambda: [256, 256])  # width, height
@@ -108,6 +127,7 @@ class GenerateConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     cutouts: CutoutsConfig = field(default_factory=CutoutsConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    animation: AnimationConfig = field(default_factory=AnimationConfig)
 
 
 # Keyword arguments of the Python API and flags of the CLI, and the keys they set.
@@ -123,6 +143,8 @@ FLAT_KEYS = {
     "rank_clip": "models.rank_clip",
     "output": "output.path", "video": "output.video", "save_every": "output.save_every",
     "overwrite": "output.overwrite",
+    **{k: f"animation.{k}" for k in ("frames", "steps_per_frame", "first_steps", "zoom", "angle",
+                                      "translate_x", "translate_y", "border", "prompt_at", "fps")},
     **{k: k for k in ("seed", "size", "candidates", "device", "precision", "checkpoint", "compile", "tv_weight",
                       "denoise_every", "denoise_size")},
 }
@@ -236,6 +258,7 @@ def check_config(cfg: DictConfig) -> None:
          f"video {video!r}: the file name must end in .mp4 or .gif")
     need(cfg.output.path is None or Path(cfg.output.path).suffix.lower() == ".png",
          f"output {cfg.output.path!r}: the file name must end in .png")
+    _check_animation(cfg)
     # prompt syntax and input files: fail here, before minutes of model loading
     from .prompts import parse_image_prompt, parse_noise_prompt, parse_text_prompts
 
@@ -247,6 +270,39 @@ def check_config(cfg: DictConfig) -> None:
 
     for path in [*paths, *([cfg.prompts.init_image] if cfg.prompts.init_image else [])]:
         load_image(path)  # FileNotFoundError, or ValueError if Pillow cannot read it
+
+
+def frame_prompts(cfg: DictConfig) -> list[str]:
+    """An animation's text prompt at each frame (its story or switches), each one checked.
+
+    Raises:
+        ValueError: see :func:`vqclip.schedules.prompts_by_frame` and the prompt syntax.
+    """
+    from .prompts import parse_text_prompts
+    from .schedules import prompts_by_frame
+
+    prompts = prompts_by_frame(cfg.prompts.text, list(cfg.animation.prompt_at), cfg.animation.frames)
+    for text in set(prompts):
+        parse_text_prompts(text)
+    return prompts
+
+
+def _check_animation(cfg: DictConfig) -> None:
+    from .schedules import schedule_values
+
+    a = cfg.animation
+    if a.frames < 1:
+        raise ValueError(f"frames must be >= 1, got {a.frames}")
+    if a.steps_per_frame < 0 or (a.first_steps is not None and a.first_steps < 0):
+        raise ValueError("steps_per_frame and first_steps must be >= 0")
+    for name in ("zoom", "angle", "translate_x", "translate_y"):
+        values = schedule_values(a[name], a.frames, name)
+        if name == "zoom" and min(values) <= 0:
+            raise ValueError(f"zoom {a.zoom!r} must stay > 0 (1 is no zoom)")
+    if a.border not in BORDERS:
+        raise ValueError(f"unknown border {a.border!r}; available: {', '.join(BORDERS)}")
+    if not 1 <= a.fps <= 120:
+        raise ValueError(f"fps must be in 1..120, got {a.fps}")
 
 
 def require_target(cfg: DictConfig) -> None:

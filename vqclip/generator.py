@@ -33,7 +33,6 @@ import time
 from typing import Any, Callable
 
 import torch
-import torch.nn.functional as F
 from kornia.filters import median_blur
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
@@ -46,14 +45,7 @@ from .images import load_image, to_pil, to_tensor
 from .losses import init_loss, prompt_loss, tv_loss
 from .models.low_precision import LowPrecisionCopies
 from .outputs import GenerationResult, check_outputs, video_frame
-from .prompts import (
-    Target,
-    embed_texts,
-    noise_target,
-    parse_image_prompt,
-    parse_noise_prompt,
-    parse_text_prompts,
-)
+from .prompts import build_targets
 from .video import VideoWriter, choose_fps
 
 __all__ = ["GenerationError", "GenerationInterrupted", "Generator", "check_precision", "generate",
@@ -154,6 +146,19 @@ class Generator:
             (set ``overwrite``). GenerationError: NaN loss or out of memory.
             GenerationInterrupted: Ctrl-C; ``.result`` has what was made, saved as configured.
         """
+        cfg = self.settings(prompt, config, overrides, **kwargs)
+        return memory_errors(cfg, lambda: self._run(cfg, callback, progress))
+
+    def animate(self, prompt: str | None = None, **kwargs: Any):
+        """Make an animation (:func:`vqclip.animation.animate`, which documents the arguments)."""
+        from .animation import animate
+
+        return animate(self, prompt, **kwargs)
+
+    def settings(self, prompt: str | None = None, config: DictConfig | dict | None = None,
+                 overrides: list[str] = (), **kwargs: Any) -> DictConfig:
+        """A run's config: ``config`` (default: this generator's) with ``kwargs`` and
+        ``overrides`` over it, checked against the models and the device held here."""
         if prompt is not None:
             kwargs["prompt"] = prompt
         device = kwargs.pop("device", None)
@@ -166,7 +171,7 @@ class Generator:
                              f"{self.config.models.clip}; load another for {cfg.models.vqgan} + "
                              f"{cfg.models.clip}")
         cfg.device = str(self.device)
-        return memory_errors(cfg, lambda: self._run(cfg, callback, progress))
+        return cfg
 
     def _run(self, cfg: DictConfig, callback: Callback | None, progress: bool) -> GenerationResult:
         t0 = time.perf_counter()
@@ -210,8 +215,9 @@ class Generator:
     def _settle(self, cfg: DictConfig) -> None:
         """Check what only a run can check, fill in size and seed, refuse to overwrite outputs."""
         require_target(cfg)
+        self._low_precision = LowPrecisionCopies()  # new for each run: never stale
         cfg.precision = resolve_precision(cfg.precision, self.device)  # what runs, recorded
-        cfg.size = [self._round_side(s) for s in cfg.size]
+        cfg.size = [self.vqgan.round_side(s) for s in cfg.size]
         if cfg.seed is None:
             cfg.seed = int.from_bytes(os.urandom(4), "little") >> 1
         check_outputs(cfg)  # before any work, not after
@@ -302,7 +308,7 @@ class Generator:
         streams = SeedStreams(seeds, self.device)
         cutouts = MakeCutouts(self.clip.input_size, cfg.cutouts.cutn, cfg.cutouts.cut_pow,
                               cfg.cutouts.augments, cfg.cutouts.overview)
-        targets = self._targets(cfg, cutouts)
+        targets = build_targets(self.clip, cfg, cutouts)
         z = self._init_latents(cfg, streams).requires_grad_()  # (K, D, h, w)
         return streams, cutouts, targets, z
 
@@ -343,27 +349,6 @@ class Generator:
             image = self.vqgan.decode(self.vqgan.quantize_latents(z)).float()
         image = median_blur(image, cfg.denoise_size)
         z.copy_(self.vqgan.encode(image))
-
-    def _round_side(self, side: int) -> int:
-        f = self.vqgan.downsample_factor
-        rounded = max(f, int(side / f + 0.5) * f)  # half up: 33 -> 34 for f = 2
-        if rounded != side:
-            log.info("size %d rounded to %d: a multiple of this VQGAN's factor %d", side, rounded, f)
-        return rounded
-
-    def _targets(self, cfg: DictConfig, cutouts: MakeCutouts) -> list[Target]:
-        targets = embed_texts(self.clip, parse_text_prompts(cfg.prompts.text))
-        for spec in cfg.prompts.images:
-            prompt = parse_image_prompt(spec)
-            image = to_tensor(load_image(prompt.value, tuple(cfg.size))).to(self.device)
-            # the image's own cutouts, from a fixed stream: the same targets for every seed
-            with torch.no_grad():
-                cuts = cutouts(image, SeedStreams([0], self.device))
-                embeds = F.normalize(self.clip.encode_image(cuts), dim=-1)  # (cutn, D)
-            targets.append(Target(embeds, prompt.weight, prompt.stop, prompt.value))
-        dim = self.clip.model.visual.output_dim
-        targets += [noise_target(parse_noise_prompt(s), dim, self.device) for s in cfg.prompts.noise]
-        return targets
 
     def _init_latents(self, cfg: DictConfig, streams: SeedStreams) -> torch.Tensor:
         (w, h), f, K = cfg.size, self.vqgan.downsample_factor, cfg.candidates

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["Prompt", "Target", "parse_text_prompts", "parse_image_prompt", "parse_noise_prompt",
-           "embed_texts", "noise_target"]
+           "build_targets", "embed_texts", "noise_target"]
 
 log = logging.getLogger(__name__)
 
@@ -137,3 +137,24 @@ def noise_target(prompt: Prompt, dim: int, device: torch.device) -> Target:
     g = torch.Generator().manual_seed(int(prompt.value))
     embed = F.normalize(torch.randn(1, dim, generator=g), dim=-1).to(device)
     return Target(embed, prompt.weight, prompt.stop, f"noise {prompt.value}")
+
+
+def build_targets(clip, cfg, cutouts) -> list[Target]:
+    """Every prompt of a config (``prompts.text``, ``.images``, ``.noise``) as a target for
+    ``clip``; an image prompt is embedded through ``cutouts`` (a :class:`vqclip.cutouts.MakeCutouts`)
+    of itself, drawn from a fixed stream, so every seed gets the same targets."""
+    from .cutouts import SeedStreams
+    from .images import load_image, to_tensor
+
+    targets = embed_texts(clip, parse_text_prompts(cfg.prompts.text))
+    for spec in cfg.prompts.images:
+        prompt = parse_image_prompt(spec)
+        image = to_tensor(load_image(prompt.value, tuple(cfg.size))).to(clip.device)
+        with torch.no_grad():
+            cuts = cutouts(image, SeedStreams([0], clip.device))
+            embeds = F.normalize(clip.encode_image(cuts), dim=-1)  # (cutn, D)
+        targets.append(Target(embeds, prompt.weight, prompt.stop, prompt.value))
+    dim = clip.model.visual.output_dim
+    targets += [noise_target(parse_noise_prompt(s), dim, clip.device)
+                for s in cfg.prompts.noise]
+    return targets

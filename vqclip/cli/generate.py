@@ -9,10 +9,12 @@ import re
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 from .common import add_clip_flags, add_verbosity, names
 
-__all__ = ["generate_config", "register"]
+__all__ = ["add_loop_flags", "claim_run_folder", "generate_config", "in_run_folder",
+           "load_generator", "loop_config", "register"]
 
 log = logging.getLogger("vqclip")
 
@@ -20,8 +22,6 @@ _OVERRIDE = re.compile(r"^([A-Za-z_][\w.]*)=")
 
 
 def register(sub) -> None:
-    from ..config import AUGMENTS, INITS, OPTIMIZERS
-
     p = sub.add_parser(
         "generate", help="make an image from a text prompt",
         description="Optimize VQGAN latents so that CLIP matches the prompts. Settings: the preset, "
@@ -29,6 +29,21 @@ def register(sub) -> None:
         epilog="Prompt syntax: \"text:weight:stop|other:-0.5\"; only trailing numbers count, "
                "\\: keeps a colon as text. Outputs go to a new folder under outputs/ unless "
                "--output is given.")
+    add_loop_flags(p)
+    g = p.add_argument_group("output")
+    g.add_argument("--output", metavar="FILE.png", help="candidate k of several: FILE-k.png")
+    g.add_argument("--video", metavar="FILE.mp4|.gif")
+    g.add_argument("--save-every", dest="save_every", type=int, metavar="N",
+                   help="steps between video frames")
+    g.add_argument("--overwrite", action="store_const", const=True, help="replace existing files")
+    add_verbosity(p, argparse.SUPPRESS)
+    p.set_defaults(func=cmd_generate)
+
+
+def add_loop_flags(p) -> None:
+    """The prompt, settings, run, optimization, prompt and model flags of the loop's commands."""
+    from ..config import AUGMENTS, INITS, OPTIMIZERS
+
     p.add_argument("rest", nargs="*", metavar="PROMPT [key=value ...]",
                    help="the text prompt, then config overrides")
     p.add_argument("--preset", help="settings + model pair from configs/ (default: imagenet)")
@@ -70,14 +85,6 @@ def register(sub) -> None:
     g.add_argument("--rank-clip", dest="rank_clip", metavar="ARCH/TAG",
                    help="rank the candidates with this CLIP (registry name, or ARCH/path to "
                         "weights) rather than the guiding one")
-    g = p.add_argument_group("output")
-    g.add_argument("--output", metavar="FILE.png", help="candidate k of several: FILE-k.png")
-    g.add_argument("--video", metavar="FILE.mp4|.gif")
-    g.add_argument("--save-every", dest="save_every", type=int, metavar="N",
-                   help="steps between video frames")
-    g.add_argument("--overwrite", action="store_const", const=True, help="replace existing files")
-    add_verbosity(p, argparse.SUPPRESS)
-    p.set_defaults(func=cmd_generate)
 
 
 def _is_override(arg: str) -> bool:
@@ -91,7 +98,7 @@ def _is_override(arg: str) -> bool:
     return m[1] in FLAT_KEYS or m[1].split(".")[0] in groups
 
 
-def _claim_run_folder(prompt: str) -> Path:
+def claim_run_folder(prompt: str) -> Path:
     """Create a new folder under outputs/ named by date and a slug of the prompt.
 
     Created here, with ``exist_ok=False``, so that two runs started in the same second (one per
@@ -110,29 +117,38 @@ def _claim_run_folder(prompt: str) -> Path:
     raise FileExistsError(f"could not make a new run folder beside {base}")
 
 
-def generate_config(args: argparse.Namespace):
-    """The config a ``vqclip generate`` command line describes (checked, output path filled in)."""
+def loop_config(args: argparse.Namespace, skip: tuple[str, ...] = (), overrides: list[str] = ()):
+    """The config of a loop command's line: prompt, flags (but ``skip``), ``key=value`` words
+    and ``overrides``, checked as far as can be before the models load."""
     from ..config import FLAT_KEYS, load_config, require_target
 
     prompts = [a for a in args.rest if not _is_override(a)]
-    overrides = [a for a in args.rest if _is_override(a)]
+    words = [a for a in args.rest if _is_override(a)]
     if len(prompts) > 1:
         raise ValueError(f"one prompt only, got {len(prompts)} words: quote it, e.g. "
-                         f"vqclip generate \"{' '.join(prompts)}\"")
-    flags = {k: getattr(args, k) for k in FLAT_KEYS if getattr(args, k, None) is not None}
+                         f"vqclip {args.command} \"{' '.join(prompts)}\"")
+    flags = {k: getattr(args, k) for k in FLAT_KEYS
+             if k not in skip and getattr(args, k, None) is not None}
     if prompts:
         flags["prompt"] = prompts[0]
     cfg = load_config(preset=args.preset, files=[args.config] if args.config else (),
-                      overrides=overrides, **flags)
+                      overrides=[*overrides, *words], **flags)
     require_target(cfg)
     from ..device import resolve_device
     from ..generator import check_precision
-    from ..outputs import check_outputs
 
     check_precision(cfg.precision, resolve_device(cfg.device))
+    return cfg
+
+
+def generate_config(args: argparse.Namespace):
+    """The config a ``vqclip generate`` command line describes (checked, output path filled in)."""
+    from ..outputs import check_outputs
+
+    cfg = loop_config(args)
     folder = None
     if cfg.output.path is None:  # a fresh run folder; never overwrites anything
-        folder = _claim_run_folder(cfg.prompts.text)
+        folder = claim_run_folder(cfg.prompts.text)
         cfg.output.path = str(folder / "final.png")
     try:
         check_outputs(cfg)  # before the models load, not after
@@ -143,22 +159,34 @@ def generate_config(args: argparse.Namespace):
     return cfg
 
 
-def cmd_generate(args: argparse.Namespace) -> int:
-    cfg = generate_config(args)
+def in_run_folder(folder: Path, run: Callable[[], int]) -> int:
+    """``run()``; a run folder under outputs/ that it leaves empty (a failed run) is removed."""
     try:
-        return _generate(cfg, args)
-    finally:  # a failed run leaves no empty run folder behind
-        folder = Path(cfg.output.path).parent
+        return run()
+    finally:
         if folder.parent == Path("outputs") and folder.is_dir() and not any(folder.iterdir()):
             folder.rmdir()
 
 
-def _generate(cfg, args: argparse.Namespace) -> int:
-    from ..generator import GenerationInterrupted, Generator
+def load_generator(cfg):
+    """The models ``cfg`` names, loaded, with how long that took in the log."""
+    from ..generator import Generator
 
     start = time.perf_counter()
     gen = Generator.load(cfg)
     log.info("models loaded in %.1f s on %s", time.perf_counter() - start, gen.device)
+    return gen
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    cfg = generate_config(args)
+    return in_run_folder(Path(cfg.output.path).parent, lambda: _generate(cfg, args))
+
+
+def _generate(cfg, args: argparse.Namespace) -> int:
+    from ..generator import GenerationInterrupted
+
+    gen = load_generator(cfg)
     try:
         result = gen.generate(progress=not args.quiet)
     except GenerationInterrupted as e:

@@ -148,6 +148,8 @@ def fast_visual(model: nn.Module) -> nn.Module:
     backward clones transposed tensors; the stride-32 patch convolution's backward is a slow
     path on the CPU. These two took a fifth of a 32-cutout ViT-B/32 forward and backward there.
     """
+    from open_clip.transformer import QuickGELU
+
     visual = getattr(model, "visual", None)
     conv = getattr(visual, "conv1", None)
     if isinstance(conv, nn.Conv2d) and conv.kernel_size == conv.stride and conv.padding == (0, 0) \
@@ -160,7 +162,7 @@ def fast_visual(model: nn.Module) -> nn.Module:
                 and not hasattr(block, "ln_1_kv"):
             block.attn = _SelfAttention(attn)
         mlp = getattr(block, "mlp", None)
-        if type(getattr(mlp, "gelu", None)).__name__ == "QuickGELU":  # open_clip's, as OpenAI's weights want
+        if isinstance(getattr(mlp, "gelu", None), QuickGELU):  # as OpenAI's weights want
             mlp.gelu = _QuickGELU()
     return model
 
@@ -209,11 +211,14 @@ class _SelfAttention(nn.Module):
         N, L, E = q_x.shape
         qkv = F.linear(q_x, self.in_proj_weight, self.in_proj_bias)  # (N, L, 3E)
         q, k, v = qkv.view(N, L, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
-        if q.device.type == "cpu" and attn_mask is None:
+        if q.device.type == "cpu" and attn_mask is None and L <= _SHORT:
             out = _attention(q, k, v)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (N, H, L, E/H)
         return self.out_proj(out.transpose(1, 2).reshape(N, L, E)), None
+
+
+_SHORT = 64  # tokens: up to here the two products win (measured at 50); beyond, untried
 
 
 def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

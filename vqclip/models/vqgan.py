@@ -207,6 +207,14 @@ class VQGAN(nn.Module):
         """Pixels per latent cell along each side (16 for the f16 models)."""
         return 2 ** (len(self.config.ddconfig["ch_mult"]) - 1)
 
+    def round_side(self, side: int) -> int:
+        """The nearest image side this VQGAN makes (a multiple of its factor), with a notice."""
+        f = self.downsample_factor
+        rounded = max(f, int(side / f + 0.5) * f)  # half up: 33 -> 34 for f = 2
+        if rounded != side:
+            log.info("size %d rounded to %d: a multiple of this VQGAN's factor %d", side, rounded, f)
+        return rounded
+
     @property
     def embed_dim(self) -> int:
         return self.config.embed_dim
