@@ -62,9 +62,18 @@ def test_warp_moves_the_picture_as_documented():
     assert uncovered.min() >= 0.5
 
 
-def test_frame_seeds_differ_across_frames_and_seeds():
-    seeds = {frame_seed(s, f) for s in range(3) for f in range(50)}
-    assert len(seeds) == 150
+def test_frame_0_is_generate_with_the_same_seed_and_the_same_command_makes_the_same_frames(
+        tiny_generator, tmp_path):
+    assert frame_seed(7, 0) == 7 and len({frame_seed(s, f) for s in range(3) for f in range(50)}) == 150
+    runs = [tiny_generator.animate("a red circle", frames=3, steps_per_frame=2, first_steps=4,
+                                   zoom=1.1, output=str(tmp_path / f"run{i}"), **SMALL)
+            for i in range(2)]
+    still = tiny_generator.generate("a red circle", steps=4, **SMALL)
+    first = to_tensor(Image.open(tmp_path / "run0" / "frame-00000.png"))
+    assert torch.equal(first, to_tensor(still.images[0]))
+    for f in range(3):
+        frames = [to_tensor(Image.open(tmp_path / f"run{i}" / f"frame-{f:05d}.png")) for i in range(2)]
+        assert torch.equal(*frames)
 
 
 def test_animation_writes_frames_records_and_video(tiny_generator, tmp_path):
@@ -81,7 +90,8 @@ def test_animation_writes_frames_records_and_video(tiny_generator, tmp_path):
     assert records == result.records and [r["frame"] for r in records] == [0, 1, 2, 3]
     assert [r["prompt"] for r in records] == ["a red circle"] * 2 + ["a blue square"] * 2
     assert [r["steps"] for r in records] == [3, 2, 2, 2]
-    assert [round(r["zoom"], 4) for r in records] == [1.0, 1.1, 1.2, 1.3]
+    assert records[0]["zoom"] is None  # frame 0 is not moved; frame f's move is from f - 1
+    assert [round(r["zoom"], 4) for r in records[1:]] == [1.1, 1.2, 1.3]
     text = read_png_text(folder / "frame-00002.png")
     assert text["prompt"] == "a blue square" and text["frame"] == "2" and text["angle"] == "2.0"
     assert "animation:" in text["config"] and text["seed"] == "1"
@@ -129,14 +139,21 @@ def test_prompt_at_switches_at_its_frames(tiny_generator, tmp_path):
     (["--candidates", "2"], "one candidate"),
 ])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(tiny_models, tmp_path, capsys, extra,
-                                                          message):
+                                                          message, monkeypatch):
+    from vqclip.generator import Generator
+
+    def never(*args, **kwargs):
+        raise AssertionError("the models were loaded before the input was checked")
+
+    monkeypatch.setattr(Generator, "load", never)
+    monkeypatch.chdir(tmp_path)
     args = [f"--{k.replace('_', '-')}={v}" for k, v in tiny_models.items()]
     code = main(["animate", "a red circle", *args, "--frames", "5", "--output",
                  str(tmp_path / "out"), *extra])
     err = capsys.readouterr().err
     assert code == 2
     assert message in err and err.count("\n") == 1 and "Traceback" not in err
-    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+    assert not (tmp_path / "out").exists() and not (tmp_path / "outputs").exists()
 
 
 def test_an_empty_story_part_and_existing_frames_are_refused(tiny_models, tmp_path, capsys):
@@ -147,3 +164,35 @@ def test_an_empty_story_part_and_existing_frames_are_refused(tiny_models, tmp_pa
     assert main(["animate", "a red circle", *args, "--output", str(tmp_path)]) == 2
     assert "exists" in capsys.readouterr().err
     assert (tmp_path / "frame-00000.png").read_bytes() == b"earlier"
+
+
+def test_ctrl_c_keeps_the_finished_frames_and_a_playable_video(tiny_generator, tmp_path):
+    from vqclip.animation import AnimationInterrupted
+
+    def stop(frame, record):
+        if frame == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(AnimationInterrupted) as info:
+        tiny_generator.animate("a red circle", frames=5, steps_per_frame=1, first_steps=2,
+                               output=str(tmp_path / "a"), callback=stop, **SMALL)
+    result = info.value.result
+    assert result.interrupted and [r["frame"] for r in result.records] == [0, 1]
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == [
+        "animation.mp4", "frame-00000.png", "frame-00001.png", "frames.jsonl"]
+    assert len((tmp_path / "a" / "frames.jsonl").read_text().splitlines()) == 2
+    assert len(iio.imread(tmp_path / "a" / "animation.mp4", index=None, plugin="FFMPEG")) == 2
+
+
+def test_overwrite_replaces_an_earlier_animation_and_nothing_else(tiny_generator, tmp_path):
+    folder = tmp_path / "a"
+    tiny_generator.animate("a red circle", frames=3, steps_per_frame=1, first_steps=1,
+                           output=str(folder), **SMALL)
+    (folder / "frame-final.png").write_bytes(b"mine")  # not a name animate writes
+    with pytest.raises(FileExistsError):
+        tiny_generator.animate("a blue square", frames=2, output=str(folder), **SMALL)
+    tiny_generator.animate("a blue square", frames=2, steps_per_frame=1, first_steps=1,
+                           output=str(folder), overwrite=True, **SMALL)
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "animation.mp4", "frame-00000.png", "frame-00001.png", "frame-final.png", "frames.jsonl"]
+    assert read_png_text(folder / "frame-00001.png")["prompt"] == "a blue square"

@@ -18,7 +18,8 @@ def code_cells(name):
 
 def test_quickstart_runs_offline(tmp_path, monkeypatch):
     """Every cell runs, and the notebook's own assertions hold: generation with live progress, the
-    video, four ranked candidates, classification and search, all with the bundled preset."""
+    video, four ranked candidates, classification, search and an animation, all with the bundled
+    preset."""
     monkeypatch.setenv("VQCLIP_CACHE", str(tmp_path / "cache"))  # the kernel inherits this
     monkeypatch.setenv("VQCLIP_OFFLINE", "1")
     nb = nbformat.read(NOTEBOOKS / "quickstart.ipynb", as_version=4)
@@ -31,6 +32,8 @@ def test_quickstart_runs_offline(tmp_path, monkeypatch):
     shown = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
     assert any("image/png" in o.get("data", {}) for o in shown)  # the live figure was drawn
     assert any("<video" in o.get("data", {}).get("text/html", "") for o in shown)
+    assert any("image/gif" in o.get("data", {}) for o in shown)  # the animation, inline
+    assert len(list((tmp_path / "quickstart-animation").glob("frame-*.png"))) == 8
 
 
 @pytest.mark.parametrize("path", sorted(NOTEBOOKS.glob("*.ipynb")), ids=lambda p: p.name)

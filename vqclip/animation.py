@@ -5,7 +5,9 @@ k + 1 warps frame k's image by its transform, with the uncovered edges reflected
 encodes it into latents and runs the loop from there for ``animation.steps_per_frame`` steps with
 a fresh optimizer; ``prompts.init_weight`` pulls the latents back toward the warped frame, which
 keeps frames coherent (default 0: the start alone does). Transform values and prompts follow the
-schedules of :mod:`vqclip.schedules`. Frame f draws its cutouts from a stream seeded by (seed, f).
+schedules of :mod:`vqclip.schedules`; frame f's values are the move from frame f - 1 (frame 0 is
+not moved). Frame f draws its cutouts from its own stream (:func:`frame_seed`): frame 0 is
+exactly ``generate`` with the same seed and settings.
 
 Files in the output folder, each written atomically as soon as its frame is done, so that a
 run stopped at any moment leaves every finished frame and a playable video:
@@ -24,6 +26,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,7 +49,7 @@ __all__ = ["AnimationInterrupted", "AnimationResult", "animate", "check_animatio
            "frame_seed", "warp"]
 
 TRANSFORMS = ("zoom", "angle", "translate_x", "translate_y")
-FRAME_GLOB = "frame-*.png"
+FRAME_NAME = re.compile(r"frame-\d{5}\.png")  # what this module writes, and all it removes
 
 
 @dataclass
@@ -71,8 +74,9 @@ class AnimationInterrupted(KeyboardInterrupt):
 
 
 def frame_seed(seed: int, frame: int) -> int:
-    """The seed of frame ``frame``'s random stream: distinct for every (seed, frame) pair."""
-    return (seed * 1_000_003 + frame) % 2**63
+    """The seed of frame ``frame``'s random stream: ``seed`` itself for frame 0 (which is then
+    exactly ``generate`` with that seed), and far apart for the frames after it."""
+    return (seed + frame * 1_000_003) % 2**63
 
 
 def warp(images: torch.Tensor, zoom: float = 1.0, angle: float = 0.0, translate_x: float = 0.0,
@@ -97,10 +101,11 @@ def warp(images: torch.Tensor, zoom: float = 1.0, angle: float = 0.0, translate_
     return F.grid_sample(images, grid, mode="bilinear", padding_mode=padding, align_corners=False)
 
 
-def check_animation_outputs(cfg: DictConfig) -> tuple[Path, Path]:
+def check_animation_outputs(cfg: DictConfig, clear: bool = False) -> tuple[Path, Path]:
     """The output folder and the video path of an animation, checked before any work: a
-    folder that holds frames already is refused without ``output.overwrite``; with it, its old
-    frames and records are removed, so that none outlives the new run.
+    folder that holds frames already is refused without ``output.overwrite``. With it and
+    ``clear`` (just before the first frame), the old frames, records and video are removed, so
+    that none outlives the new run; other files stay.
 
     Raises:
         ValueError: no output folder. FileExistsError, NotADirectoryError: see messages.
@@ -111,15 +116,17 @@ def check_animation_outputs(cfg: DictConfig) -> tuple[Path, Path]:
     video = Path(cfg.output.video) if cfg.output.video else folder / "animation.mp4"
     if folder.exists() and not folder.is_dir():
         raise NotADirectoryError(f"{folder} is a file; the animation's output is a folder")
-    old = sorted(folder.glob(FRAME_GLOB)) if folder.is_dir() else []
+    old = sorted(p for p in folder.iterdir() if FRAME_NAME.fullmatch(p.name)) \
+        if folder.is_dir() else []
     taken = [p for p in (*old[:1], folder / "frames.jsonl", video) if p.exists()]
     if taken and not cfg.output.overwrite:
         raise FileExistsError(f"{taken[0]} exists; choose another output folder or allow "
                               "overwriting (--overwrite, output.overwrite=true)")
     folder.mkdir(parents=True, exist_ok=True)
     video.parent.mkdir(parents=True, exist_ok=True)
-    for path in [*old, *taken]:
-        path.unlink(missing_ok=True)
+    if clear:
+        for path in [*old, *taken]:
+            path.unlink(missing_ok=True)
     return folder, video
 
 
@@ -145,19 +152,21 @@ def animate(gen, prompt: str | None = None, *, config: DictConfig | dict | None 
         GenerationError: a NaN loss or out of memory. AnimationInterrupted: Ctrl-C; the frames
         finished are kept, and ``.result`` lists them.
     """
-    if "output" in kwargs:  # the folder, not generate's PNG
-        overrides = [*overrides, f"animation.output={kwargs.pop('output')}"]
+    folder = kwargs.pop("output", None)  # the folder, not generate's PNG
+    if folder is not None:
+        overrides = [*overrides, f"animation.output={folder}"]
     cfg = gen.settings(prompt, config, overrides, **kwargs)
     if cfg.candidates != 1:
         raise ValueError("an animation has one candidate; drop --candidates")
     prompts = frame_prompts(cfg)
     a = cfg.animation
     moves = {name: schedule_values(a[name], a.frames, name) for name in TRANSFORMS}
-    folder, video_path = check_animation_outputs(cfg)
+    check_animation_outputs(cfg)
     base = copy.deepcopy(cfg)
     base.output.path = base.output.video = None  # the frames are written here, not by the loop
     gen._settle(base)
     cfg.seed, cfg.precision, cfg.size = base.seed, base.precision, base.size  # as they ran
+    folder, video_path = check_animation_outputs(cfg, clear=True)
     return memory_errors(base, lambda: _frames(gen, cfg, base, prompts, moves, folder, video_path,
                                                callback, progress))
 
@@ -166,37 +175,58 @@ def _frames(gen, cfg, base, prompts, moves, folder, video_path, callback, progre
     a, t0 = cfg.animation, time.perf_counter()
     result = AnimationResult([], [], None, cfg)
     shown: list = []  # the video's frames
-    image = None
-    with tqdm(total=a.frames, disable=not progress, desc="animate", unit="frame") as bar:
-        for f in range(a.frames):
-            fcfg = copy.deepcopy(base)
-            fcfg.prompts.text = prompts[f]
-            fcfg.optim.steps = (a.first_steps if a.first_steps is not None else cfg.optim.steps) \
-                if f == 0 else a.steps_per_frame
-            streams, cutouts, targets, z = gen._prepare(fcfg, [frame_seed(cfg.seed, f)])
-            move = {name: moves[name][f] for name in TRANSFORMS}
-            if image is not None:  # every frame after the first starts from the one before
-                with torch.no_grad():
-                    z = gen.vqgan.encode(warp(image, border=a.border, **move)).requires_grad_()
-            image, losses, interrupted = gen._loop(fcfg, z, cutouts, streams, targets, None,
-                                                   None, False)
-            if interrupted:  # the unfinished frame is not written
-                result.interrupted = True
-                raise AnimationInterrupted(result)
-            loss = losses[-1].item() if losses else None
-            record = {"frame": f, "prompt": prompts[f], **move, "steps": fcfg.optim.steps,
-                      "loss": loss, "seed": cfg.seed, "path": str(folder / f"frame-{f:05d}.png")}
-            result.files += _write_frame(image, record, cfg, folder, result.records, shown,
-                                         video_path)
-            result.last = image.detach().cpu()
-            bar.set_postfix(prompt=prompts[f][:30], loss="-" if loss is None else f"{loss:.4f}")
-            bar.update()
-            if callback is not None:
-                callback(f, {**record, "image": image})
+    try:
+        with tqdm(total=a.frames, disable=not progress, desc="animate", unit="frame") as bar:
+            for f in range(a.frames):
+                image = _frame(gen, cfg, base, f, prompts[f], moves, result.last)
+                move = {name: moves[name][f] if f else None for name in TRANSFORMS}  # 0: no move
+                loss = image.loss
+                record = {"frame": f, "prompt": prompts[f], **move, "steps": image.steps,
+                          "loss": loss, "seed": cfg.seed,
+                          "path": str(folder / f"frame-{f:05d}.png")}
+                result.files += _write_frame(image.tensor, record, cfg, folder, result.records,
+                                             shown, video_path)
+                result.last = image.tensor
+                bar.set_postfix(prompt=prompts[f][:30], loss="-" if loss is None else f"{loss:.4f}")
+                bar.update()
+                if callback is not None:
+                    callback(f, {**record, "image": image.tensor})
+    except KeyboardInterrupt:  # the frames written so far are complete; the one under way is not
+        result.interrupted = True
     result.files = sorted(set(result.files))
     elapsed = time.perf_counter() - t0
-    result.timings = {"total": elapsed, "per_frame": elapsed / a.frames}
+    result.timings = {"total": elapsed, "per_frame": elapsed / max(1, len(result.records))}
+    if result.interrupted:
+        raise AnimationInterrupted(result)
     return result
+
+
+@dataclass
+class _Made:
+    tensor: torch.Tensor  # (1, 3, H, W) in [0, 1]
+    loss: float | None
+    steps: int
+
+
+def _frame(gen, cfg, base, f, prompt, moves, last) -> _Made:
+    """Frame f: the loop from frame f-1 moved (from the config's start for frame 0)."""
+    a = cfg.animation
+    fcfg = copy.deepcopy(base)
+    fcfg.prompts.text = prompt
+    fcfg.optim.steps = (a.first_steps if a.first_steps is not None else cfg.optim.steps) \
+        if f == 0 else a.steps_per_frame
+    if f:  # the start comes from the frame before: skip encoding the init image again
+        fcfg.prompts.init_image, fcfg.prompts.init = None, "random"
+    streams, cutouts, targets, z = gen._prepare(fcfg, [frame_seed(cfg.seed, f)])
+    if f:
+        move = {name: moves[name][f] for name in TRANSFORMS}
+        with torch.no_grad():
+            z = gen.vqgan.encode(warp(last.to(gen.device), border=a.border, **move))
+        z.requires_grad_()
+    image, losses, interrupted = gen._loop(fcfg, z, cutouts, streams, targets, None, None, False)
+    if interrupted:
+        raise KeyboardInterrupt
+    return _Made(image.detach().cpu(), losses[-1].item() if losses else None, fcfg.optim.steps)
 
 
 def _write_frame(image, record, cfg, folder, records, shown, video_path) -> list[Path]:
@@ -209,7 +239,12 @@ def _write_frame(image, record, cfg, folder, records, shown, video_path) -> list
     with atomic_path(jsonl) as tmp:
         tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
     shown.append(video_frame(image))
-    with VideoWriter(video_path, fps=cfg.animation.fps) as video:  # atomic: a temp file, renamed
+    video = VideoWriter(video_path, fps=cfg.animation.fps)  # a temp file, renamed when whole
+    try:
         for frame in shown:
             video.append(frame)
+    except BaseException:  # Ctrl-C included: the last whole video stays in place
+        video.close(keep=False)
+        raise
+    video.close()
     return [png, jsonl, video_path]

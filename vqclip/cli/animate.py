@@ -32,7 +32,8 @@ def register(sub) -> None:
     g.add_argument("--first-steps", dest="first_steps", type=int, metavar="S0",
                    help="frame 0's steps (default: the preset's steps)")
     g.add_argument("--zoom", metavar="SCHED", help="> 1 moves closer: 1.05 is 5%% per frame")
-    g.add_argument("--angle", metavar="SCHED", help="degrees per frame, counter-clockwise")
+    g.add_argument("--angle", metavar="SCHED", help="degrees per frame, counter-clockwise (a "
+                   "value that starts with a minus goes after an =: --angle=-2)")
     g.add_argument("--translate-x", dest="translate_x", metavar="SCHED",
                    help="pixels per frame, to the right")
     g.add_argument("--translate-y", dest="translate_y", metavar="SCHED",
@@ -67,9 +68,16 @@ def animate_config(args: argparse.Namespace):
     frame_prompts(cfg)
     if cfg.candidates != 1:
         raise ValueError("an animation has one candidate; drop --candidates")
+    claimed = None
     if not cfg.animation.output:
-        cfg.animation.output = str(claim_run_folder(cfg.prompts.text.split("^")[0]))
-    check_animation_outputs(cfg)
+        claimed = claim_run_folder(cfg.prompts.text.split("^")[0])
+        cfg.animation.output = str(claimed)
+    try:
+        check_animation_outputs(cfg)  # before the models load, not after
+    except OSError:
+        if claimed is not None:
+            claimed.rmdir()
+        raise
     return cfg
 
 
@@ -87,8 +95,9 @@ def _animate(cfg, args: argparse.Namespace) -> int:
     except AnimationInterrupted as e:
         for path in sorted(set(e.result.files)):
             print(path)
-        print(f"vqclip: interrupted after {len(e.result.records)} frames; kept them and the video",
-              file=sys.stderr)
+        done = len(e.result.records)
+        print(f"vqclip: interrupted after {done} frames; " +
+              ("kept them and the video" if done else "none was finished"), file=sys.stderr)
         return 130
     for path in result.files:
         print(path)
