@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from .common import add_verbosity
-from .generate import add_loop_flags, claim_run_folder, in_run_folder, load_generator, loop_config
+from .generate import add_loop_flags, in_run_folder, load_generator, loop_config, new_run_folder
 
 __all__ = ["animate_config", "register"]
 
@@ -68,16 +68,10 @@ def animate_config(args: argparse.Namespace):
     frame_prompts(cfg)
     if cfg.candidates != 1:
         raise ValueError("an animation has one candidate; drop --candidates")
-    claimed = None
-    if not cfg.animation.output:
-        claimed = claim_run_folder(cfg.prompts.text.split("^")[0])
-        cfg.animation.output = str(claimed)
-    try:
+    with new_run_folder(None if cfg.animation.output else cfg.prompts.text.split("^")[0]) as folder:
+        if folder is not None:
+            cfg.animation.output = str(folder)
         check_animation_outputs(cfg)  # before the models load, not after
-    except OSError:
-        if claimed is not None:
-            claimed.rmdir()
-        raise
     return cfg
 
 

@@ -3,18 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import logging
 import re
 import sys
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from .common import add_clip_flags, add_verbosity, names
 
 __all__ = ["add_loop_flags", "claim_run_folder", "generate_config", "in_run_folder",
-           "load_generator", "loop_config", "register"]
+           "load_generator", "loop_config", "new_run_folder", "register"]
 
 log = logging.getLogger("vqclip")
 
@@ -117,6 +118,19 @@ def claim_run_folder(prompt: str) -> Path:
     raise FileExistsError(f"could not make a new run folder beside {base}")
 
 
+@contextlib.contextmanager
+def new_run_folder(prompt: str | None) -> Iterator[Path | None]:
+    """A new run folder under outputs/ named after ``prompt`` (None: the user chose the output,
+    and there is none); a check that fails inside the block removes it again."""
+    folder = claim_run_folder(prompt) if prompt is not None else None
+    try:
+        yield folder
+    except OSError:
+        if folder is not None:
+            folder.rmdir()
+        raise
+
+
 def loop_config(args: argparse.Namespace, skip: tuple[str, ...] = (), overrides: list[str] = ()):
     """The config of a loop command's line: prompt, flags (but ``skip``), ``key=value`` words
     and ``overrides``, checked as far as can be before the models load."""
@@ -146,16 +160,10 @@ def generate_config(args: argparse.Namespace):
     from ..outputs import check_outputs
 
     cfg = loop_config(args)
-    folder = None
-    if cfg.output.path is None:  # a fresh run folder; never overwrites anything
-        folder = claim_run_folder(cfg.prompts.text)
-        cfg.output.path = str(folder / "final.png")
-    try:
+    with new_run_folder(cfg.prompts.text if cfg.output.path is None else None) as folder:
+        if folder is not None:  # a fresh run folder; never overwrites anything
+            cfg.output.path = str(folder / "final.png")
         check_outputs(cfg)  # before the models load, not after
-    except OSError:
-        if folder is not None:
-            folder.rmdir()
-        raise
     return cfg
 
 
