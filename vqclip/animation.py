@@ -46,7 +46,7 @@ from .schedules import schedule_values
 from .video import VideoWriter
 
 __all__ = ["AnimationInterrupted", "AnimationResult", "animate", "check_animation_outputs",
-           "frame_seed", "warp"]
+           "frame_seed", "plan", "warp"]
 
 TRANSFORMS = ("zoom", "angle", "translate_x", "translate_y")
 FRAME_NAME = re.compile(r"frame-\d{5}\.png")  # what this module writes, and all it removes
@@ -99,6 +99,19 @@ def warp(images: torch.Tensor, zoom: float = 1.0, angle: float = 0.0, translate_
     grid = F.affine_grid(theta.expand(B, 2, 3), list(images.shape), align_corners=False)
     padding = {"reflect": "reflection", "edge": "border"}[border]
     return F.grid_sample(images, grid, mode="bilinear", padding_mode=padding, align_corners=False)
+
+
+def plan(cfg: DictConfig) -> tuple[list[str], dict[str, list[float]]]:
+    """Each frame's prompt, and each transform's value at each frame, checked: what the command
+    line refuses before the models load.
+
+    Raises:
+        ValueError: more than one candidate, or a story or switch that does not fit the frames.
+    """
+    if cfg.candidates != 1:
+        raise ValueError("an animation has one candidate; drop --candidates")
+    a = cfg.animation
+    return frame_prompts(cfg), {name: schedule_values(a[name], a.frames, name) for name in TRANSFORMS}
 
 
 def check_animation_outputs(cfg: DictConfig, clear: bool = False) -> tuple[Path, Path]:
@@ -156,29 +169,22 @@ def animate(gen, prompt: str | None = None, *, config: DictConfig | dict | None 
     if folder is not None:
         overrides = [*overrides, f"animation.output={folder}"]
     cfg = gen.settings(prompt, config, overrides, **kwargs)
-    if cfg.candidates != 1:
-        raise ValueError("an animation has one candidate; drop --candidates")
-    prompts = frame_prompts(cfg)
-    a = cfg.animation
-    moves = {name: schedule_values(a[name], a.frames, name) for name in TRANSFORMS}
-    check_animation_outputs(cfg)
-    base = copy.deepcopy(cfg)
-    base.output.path = base.output.video = None  # the frames are written here, not by the loop
-    gen._settle(base)
-    cfg.seed, cfg.precision, cfg.size = base.seed, base.precision, base.size  # as they ran
+    prompts, moves = plan(cfg)
+    cfg.output.path = None  # the frames are written here, not as a generation's PNG
+    gen._settle(cfg)  # seed, precision and size as they run; checks before any work
     folder, video_path = check_animation_outputs(cfg, clear=True)
-    return memory_errors(base, lambda: _frames(gen, cfg, base, prompts, moves, folder, video_path,
-                                               callback, progress))
+    return memory_errors(cfg, lambda: _frames(gen, cfg, prompts, moves, folder, video_path,
+                                              callback, progress))
 
 
-def _frames(gen, cfg, base, prompts, moves, folder, video_path, callback, progress):
+def _frames(gen, cfg, prompts, moves, folder, video_path, callback, progress):
     a, t0 = cfg.animation, time.perf_counter()
     result = AnimationResult([], [], None, cfg)
     shown: list = []  # the video's frames
     try:
         with tqdm(total=a.frames, disable=not progress, desc="animate", unit="frame") as bar:
             for f in range(a.frames):
-                image = _frame(gen, cfg, base, f, prompts[f], moves, result.last)
+                image = _frame(gen, cfg, f, prompts[f], moves, result.last)
                 move = {name: moves[name][f] if f else None for name in TRANSFORMS}  # 0: no move
                 loss = image.loss
                 record = {"frame": f, "prompt": prompts[f], **move, "steps": image.steps,
@@ -208,10 +214,10 @@ class _Made:
     steps: int
 
 
-def _frame(gen, cfg, base, f, prompt, moves, last) -> _Made:
+def _frame(gen, cfg, f, prompt, moves, last) -> _Made:
     """Frame f: the loop from frame f-1 moved (from the config's start for frame 0)."""
     a = cfg.animation
-    fcfg = copy.deepcopy(base)
+    fcfg = copy.deepcopy(cfg)
     fcfg.prompts.text = prompt
     fcfg.optim.steps = (a.first_steps if a.first_steps is not None else cfg.optim.steps) \
         if f == 0 else a.steps_per_frame

@@ -56,8 +56,7 @@ def register(sub) -> None:
 def animate_config(args: argparse.Namespace):
     """The config an ``animate`` command line describes, with every check that needs no model:
     schedules, the story and switches, one candidate, and the output folder."""
-    from ..animation import check_animation_outputs
-    from ..config import frame_prompts
+    from ..animation import check_animation_outputs, plan
 
     pairs = args.prompt_at_pairs or []
     for frame, _ in pairs:
@@ -65,9 +64,7 @@ def animate_config(args: argparse.Namespace):
             raise ValueError(f"--prompt-at {frame!r}: FRAME must be a whole number >= 0")
     args.prompt_at = [f"{frame}:{text}" for frame, text in pairs] or None
     cfg = loop_config(args, overrides=[f"animation.output={args.folder}"] if args.folder else [])
-    frame_prompts(cfg)
-    if cfg.candidates != 1:
-        raise ValueError("an animation has one candidate; drop --candidates")
+    plan(cfg)
     with new_run_folder(None if cfg.animation.output else cfg.prompts.text.split("^")[0]) as folder:
         if folder is not None:
             cfg.animation.output = str(folder)

@@ -131,9 +131,9 @@ def new_run_folder(prompt: str | None) -> Iterator[Path | None]:
         raise
 
 
-def loop_config(args: argparse.Namespace, skip: tuple[str, ...] = (), overrides: list[str] = ()):
-    """The config of a loop command's line: prompt, flags (but ``skip``), ``key=value`` words
-    and ``overrides``, checked as far as can be before the models load."""
+def loop_config(args: argparse.Namespace, overrides: list[str] = ()):
+    """The config of a loop command's line: prompt, flags, ``key=value`` words and
+    ``overrides``, checked as far as can be before the models load."""
     from ..config import FLAT_KEYS, load_config, require_target
 
     prompts = [a for a in args.rest if not _is_override(a)]
@@ -141,8 +141,7 @@ def loop_config(args: argparse.Namespace, skip: tuple[str, ...] = (), overrides:
     if len(prompts) > 1:
         raise ValueError(f"one prompt only, got {len(prompts)} words: quote it, e.g. "
                          f"vqclip {args.command} \"{' '.join(prompts)}\"")
-    flags = {k: getattr(args, k) for k in FLAT_KEYS
-             if k not in skip and getattr(args, k, None) is not None}
+    flags = {k: getattr(args, k) for k in FLAT_KEYS if getattr(args, k, None) is not None}
     if prompts:
         flags["prompt"] = prompts[0]
     cfg = load_config(preset=args.preset, files=[args.config] if args.config else (),
