@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
 import sys
 import threading
+import time
 import types
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -104,6 +108,16 @@ def save_lightning(obj, path):
     finally:
         del sys.modules[_fake.__name__], sys.modules[_fake_pkg.__name__]
     return path
+
+
+@pytest.fixture(autouse=True)
+def torch_threads():
+    """Every test starts with this process's thread count, whatever the one before set: rounding
+    in a parallel sum depends on it, and tests compare runs bit for bit (with another process
+    too)."""
+    threads = torch.get_num_threads()
+    yield threads
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(autouse=True)
@@ -210,6 +224,27 @@ def tiny_generator(tiny_models):
     from vqclip.generator import Generator
 
     return Generator.load(**tiny_models)
+
+
+def cli_process(*args: str, interruptible: bool = False, **kwargs) -> subprocess.Popen:
+    """``python -m vqclip ARGS`` in a new process, its output captured as text. ``interruptible``:
+    in a session of its own, for ``os.killpg(proc.pid, SIGINT)`` as a terminal's Ctrl-C, with
+    SIGINT's default handler (a background job, CI under nohup, inherits SIGINT ignored, and
+    Python then installs no KeyboardInterrupt handler)."""
+    if interruptible:
+        kwargs.update(start_new_session=True,
+                      preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, "-m", "vqclip", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env, **kwargs)
+
+
+def wait_for(proc: subprocess.Popen, ready, timeout: float = 120) -> None:
+    """Wait until ``ready()`` is true while ``proc`` runs; fail with its output if it ends first."""
+    deadline = time.monotonic() + timeout
+    while not ready():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.1)
 
 
 def api_misuse(source: str) -> list[str]:

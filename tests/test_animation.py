@@ -65,9 +65,9 @@ def test_warp_moves_the_picture_as_documented():
 def test_frame_0_is_generate_with_the_same_seed_and_the_same_command_makes_the_same_frames(
         tiny_generator, tmp_path):
     assert frame_seed(7, 0) == 7 and len({frame_seed(s, f) for s in range(3) for f in range(50)}) == 150
-    runs = [tiny_generator.animate("a red circle", frames=3, steps_per_frame=2, first_steps=4,
-                                   zoom=1.1, output=str(tmp_path / f"run{i}"), **SMALL)
-            for i in range(2)]
+    for i in range(2):
+        tiny_generator.animate("a red circle", frames=3, steps_per_frame=2, first_steps=4,
+                               zoom=1.1, output=str(tmp_path / f"run{i}"), **SMALL)
     still = tiny_generator.generate("a red circle", steps=4, **SMALL)
     first = to_tensor(Image.open(tmp_path / "run0" / "frame-00000.png"))
     assert torch.equal(first, to_tensor(still.images[0]))
@@ -84,7 +84,8 @@ def test_animation_writes_frames_records_and_video(tiny_generator, tmp_path):
         callback=lambda f, record: seen.append((f, record["image"].shape)), **SMALL)
     folder = tmp_path / "anim"
     names = sorted(p.name for p in folder.iterdir())
-    assert names == ["animation.mp4", *[f"frame-{f:05d}.png" for f in range(4)], "frames.jsonl"]
+    assert names == ["animation.mp4", "animation.state.safetensors",
+                     *[f"frame-{f:05d}.png" for f in range(4)], "frames.jsonl"]
     assert sorted(result.files) == sorted(folder / n for n in names)
     records = [json.loads(line) for line in (folder / "frames.jsonl").read_text().splitlines()]
     assert records == result.records and [r["frame"] for r in records] == [0, 1, 2, 3]
@@ -179,7 +180,8 @@ def test_ctrl_c_keeps_the_finished_frames_and_a_playable_video(tiny_generator, t
     result = info.value.result
     assert result.interrupted and [r["frame"] for r in result.records] == [0, 1]
     assert sorted(p.name for p in (tmp_path / "a").iterdir()) == [
-        "animation.mp4", "frame-00000.png", "frame-00001.png", "frames.jsonl"]
+        "animation.mp4", "animation.state.safetensors", "frame-00000.png", "frame-00001.png",
+        "frames.jsonl"]
     assert len((tmp_path / "a" / "frames.jsonl").read_text().splitlines()) == 2
     assert len(iio.imread(tmp_path / "a" / "animation.mp4", index=None, plugin="FFMPEG")) == 2
 
@@ -194,5 +196,6 @@ def test_overwrite_replaces_an_earlier_animation_and_nothing_else(tiny_generator
     tiny_generator.animate("a blue square", frames=2, steps_per_frame=1, first_steps=1,
                            output=str(folder), overwrite=True, **SMALL)
     assert sorted(p.name for p in folder.iterdir()) == [
-        "animation.mp4", "frame-00000.png", "frame-00001.png", "frame-final.png", "frames.jsonl"]
+        "animation.mp4", "animation.state.safetensors", "frame-00000.png", "frame-00001.png",
+        "frame-final.png", "frames.jsonl"]
     assert read_png_text(folder / "frame-00001.png")["prompt"] == "a blue square"

@@ -4,8 +4,6 @@ import dataclasses
 import os
 import re
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -15,7 +13,10 @@ from PIL import Image
 
 from vqclip import pretrained
 from vqclip.cli import main
-from vqclip.images import read_png_text
+from vqclip.images import read_png_text, to_tensor
+from vqclip.resume import read_state
+
+from conftest import cli_process, wait_for
 
 
 def flags(models, **extra):
@@ -35,7 +36,8 @@ def test_generate_writes_png_sidecar_and_video(tiny_models, tmp_path, capsys):
                  "optim.lr=0.2"])
     assert code == 0
     printed = capsys.readouterr().out.split()
-    assert printed == [str(video), str(out), str(out.with_suffix(".yaml"))]
+    assert printed == [str(video), str(out), str(out.with_suffix(".yaml")),
+                       str(tmp_path / "red.state.safetensors")]
     text = read_png_text(out)
     assert text["prompt"] == "a red circle:1|blue:-0.3" and text["seed"] == "3"
     assert "lr: 0.2" in text["config"]
@@ -183,32 +185,22 @@ def test_nan_loss_exits_1_with_one_line_and_no_image(tiny_models, tmp_path, monk
     assert not any(tmp_path.iterdir())
 
 
-def _cli(*args, **kwargs):
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([sys.executable, "-m", "vqclip", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env, **kwargs)
-
-
 def test_user_error_in_a_real_process_has_no_traceback(tmp_path):
-    proc = _cli("generate", "a cat", "--init-image", str(tmp_path / "missing.png"))
+    proc = cli_process("generate", "a cat", "--init-image", str(tmp_path / "missing.png"))
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 2 and "Traceback" not in err
     assert err.strip().splitlines() == [f"vqclip: error: image not found: {tmp_path / 'missing.png'}"]
 
 
-def test_ctrl_c_keeps_the_image_and_the_video_so_far(tiny_models, tmp_path):
+def test_ctrl_c_keeps_the_image_and_the_video_so_far_and_resume_goes_on_bit_for_bit(
+        tiny_models, tmp_path):
     import imageio.v3 as iio
 
     out, video = tmp_path / "o.png", tmp_path / "o.mp4"
-    proc = _cli("-q", "generate", "x", *flags(tiny_models), *TINY_RUN, "--steps", "100000",
-                "--save-every", "1", "--output", str(out), "--video", str(video), cwd=tmp_path,
-                # a background job (CI under nohup, `cmd &`) inherits SIGINT ignored, and Python
-                # then installs no KeyboardInterrupt handler: give the child the default back
-                start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    deadline = time.monotonic() + 120
-    while not list(tmp_path.glob(".o.tmp-*.mp4")):  # frames are being written: the loop runs
-        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
-        time.sleep(0.1)
+    proc = cli_process("-q", "generate", "x", *flags(tiny_models), *TINY_RUN, "--steps", "100000",
+                       "--save-every", "1", "--output", str(out), "--video", str(video),
+                       cwd=tmp_path, interruptible=True)
+    wait_for(proc, lambda: list(tmp_path.glob(".o.tmp-*.mp4")))  # frames are written: it runs
     time.sleep(1.0)
     os.killpg(proc.pid, signal.SIGINT)  # as a terminal does: to the whole group, ffmpeg included
     _, err = proc.communicate(timeout=120)
@@ -218,7 +210,19 @@ def test_ctrl_c_keeps_the_image_and_the_video_so_far(tiny_models, tmp_path):
     assert 0 < steps < 100000 and read_png_text(out)["interrupted"] == "True"
     frames = iio.imread(video, index=None, plugin="FFMPEG")
     assert frames.shape[0] == steps + 1  # a frame per step, plus the final image
-    assert sorted(p.name for p in Path(tmp_path).iterdir()) == ["o.mp4", "o.png", "o.yaml"]
+    assert sorted(p.name for p in Path(tmp_path).iterdir()) == [
+        "o.mp4", "o.png", "o.state.safetensors", "o.yaml"]
+
+    # --resume goes on to 3 more steps as if never stopped; the video of the first part stays
+    shown = video.read_bytes()
+    assert main(["-q", "generate", "--resume", str(out), "--steps", str(steps + 3)]) == 0
+    assert main(["-q", "generate", "x", *flags(tiny_models), *TINY_RUN, "--steps", str(steps + 3),
+                 "--output", str(tmp_path / "u.png")]) == 0
+    assert torch.equal(to_tensor(Image.open(out)), to_tensor(Image.open(tmp_path / "u.png")))
+    resumed, whole = (read_state(tmp_path / f"{n}.state.safetensors", "generation")[1]
+                      for n in "ou")
+    assert resumed.keys() == whole.keys() and all(torch.equal(resumed[k], whole[k]) for k in whole)
+    assert read_png_text(out)["steps_done"] == str(steps + 3) and video.read_bytes() == shown
 
 
 def test_no_prompt_fails_before_any_model_is_loaded_or_downloaded(capsys):

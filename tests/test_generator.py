@@ -142,14 +142,15 @@ def test_interrupt_keeps_the_current_image_and_video(tiny_generator, tmp_path):
     assert result.interrupted and result.steps_done == 4
     assert (tmp_path / "o.png").is_file() and (tmp_path / "o.mp4").is_file()
     assert read_png_text(tmp_path / "o.png")["interrupted"] == "True"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["o.mp4", "o.png", "o.yaml"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["o.mp4", "o.png", "o.state.safetensors",
+                                                          "o.yaml"]
 
 
 def test_png_metadata_round_trips(tiny_generator, tmp_path):
     result = tiny_generator.generate(prompt="a 16\\:9 red circle:2", steps=2, candidates=2,
                                      output=str(tmp_path / "out.png"), **SMALL)
     assert [p.name for p in result.files] == ["out-0.png", "out-0.yaml", "out-1.png", "out-1.yaml",
-                                              "out-ranking.json"]
+                                              "out-ranking.json", "out.state.safetensors"]
     text = read_png_text(tmp_path / "out-1.png")
     assert text["prompt"] == "a 16\\:9 red circle:2" and text["seed"] == "2"
     assert text["vqgan"].endswith("vqgan.safetensors") and text["clip"].startswith("vqclip-test-tiny/")
@@ -230,13 +231,14 @@ def test_prompt_is_the_first_argument(tiny_generator):
 
 def test_flat_init_is_one_code_everywhere(tiny_generator):
     from vqclip.cutouts import SeedStreams
+    from vqclip.prompts import init_latents
 
     cfg = tiny_generator.config.copy()
     cfg.size, cfg.candidates = [32, 32], 2
     starts = {}
     for init in ("flat", "random"):
         cfg.prompts.init = init
-        z = tiny_generator._init_latents(cfg, SeedStreams([1, 2])).flatten(2)  # (K, D, cells)
+        z = init_latents(tiny_generator.vqgan, cfg, SeedStreams([1, 2]), 'cpu').flatten(2)  # (K, D, cells)
         starts[init] = torch.equal(z, z[:, :, :1].expand_as(z))
     assert starts == {"flat": True, "random": False}
     tiny_generator.generate("a plain start", steps=2, init="flat", **SMALL)
@@ -246,10 +248,11 @@ def test_flat_init_is_one_code_everywhere(tiny_generator):
 
 def test_gray_init_is_a_gray_image_encoded_the_same_for_every_seed(tiny_generator):
     from vqclip.cutouts import SeedStreams
+    from vqclip.prompts import init_latents
 
     cfg = tiny_generator.config.copy()
     cfg.size, cfg.candidates, cfg.prompts.init = [32, 32], 2, "gray"
-    z = tiny_generator._init_latents(cfg, SeedStreams([1, 2]))
+    z = init_latents(tiny_generator.vqgan, cfg, SeedStreams([1, 2]), 'cpu')
     gray = tiny_generator.vqgan.encode(torch.full((1, 3, 32, 32), 0.5))
     assert torch.equal(z[0], z[1]) and torch.allclose(z[:1], gray)
 

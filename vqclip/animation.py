@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import math
 import re
 import time
@@ -35,18 +36,23 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
+from PIL import Image
 from tqdm.auto import tqdm
 
 from . import __version__
 from .config import frame_prompts
 from .errors import memory_errors
-from .images import atomic_path, save_png, to_pil
+from .images import atomic_path, save_png, to_pil, to_tensor
 from .outputs import video_frame
+from .resume import ANIMATION_STATE as STATE
+from .resume import load_resumed, save_state
 from .schedules import schedule_values
 from .video import VideoWriter
 
 __all__ = ["AnimationInterrupted", "AnimationResult", "animate", "check_animation_outputs",
            "frame_seed", "plan", "warp"]
+
+log = logging.getLogger(__name__)
 
 TRANSFORMS = ("zoom", "angle", "translate_x", "translate_y")
 FRAME_NAME = re.compile(r"frame-\d{5}\.png")  # what this module writes, and all it removes
@@ -125,8 +131,7 @@ def check_animation_outputs(cfg: DictConfig, clear: bool = False) -> tuple[Path,
     """
     if not cfg.animation.output:
         raise ValueError("an animation needs an output folder (--output DIR, animation.output)")
-    folder = Path(cfg.animation.output)
-    video = Path(cfg.output.video) if cfg.output.video else folder / "animation.mp4"
+    folder, video = Path(cfg.animation.output), _video_path(cfg)
     if folder.exists() and not folder.is_dir():
         raise NotADirectoryError(f"{folder} is a file; the animation's output is a folder")
     old = sorted(p for p in folder.iterdir() if FRAME_NAME.fullmatch(p.name)) \
@@ -138,14 +143,15 @@ def check_animation_outputs(cfg: DictConfig, clear: bool = False) -> tuple[Path,
     folder.mkdir(parents=True, exist_ok=True)
     video.parent.mkdir(parents=True, exist_ok=True)
     if clear:
-        for path in [*old, *taken]:
+        for path in [*old, *taken, folder / STATE]:
             path.unlink(missing_ok=True)
     return folder, video
 
 
 def animate(gen, prompt: str | None = None, *, config: DictConfig | dict | None = None,
             callback: Callable[[int, dict[str, Any]], None] | None = None, progress: bool = False,
-            overrides: list[str] = (), **kwargs: Any) -> AnimationResult:
+            overrides: list[str] = (), resume: str | Path | None = None,
+            **kwargs: Any) -> AnimationResult:
     """Make an animation with a loaded :class:`vqclip.Generator`.
 
     Args:
@@ -158,6 +164,8 @@ def animate(gen, prompt: str | None = None, *, config: DictConfig | dict | None 
         callback: called as ``callback(frame, record)`` once each frame is written; ``record``
             is its ``frames.jsonl`` line plus ``"image"``, the frame ``(1, 3, H, W)``.
         progress: one bar over the frames, with the prompt and the loss.
+        resume: an animation's folder to go on from, to ``frames`` in all, bit for bit
+            (:mod:`vqclip.resume`); its settings stand, and those given must match them.
     Returns:
         An :class:`AnimationResult`.
     Raises:
@@ -168,30 +176,45 @@ def animate(gen, prompt: str | None = None, *, config: DictConfig | dict | None 
     folder = kwargs.pop("output", None)  # the folder, not generate's PNG
     if folder is not None:
         overrides = [*overrides, f"animation.output={folder}"]
-    cfg = gen.settings(prompt, config, overrides, **kwargs)
+    done = None
+    if resume is None:
+        cfg = gen.settings(prompt, config, overrides, **kwargs)
+    else:
+        _, cfg, header, tensors = load_resumed(resume, "animation", lambda saved: gen.settings(
+            prompt, config if config is not None else saved, overrides, **kwargs))
+        done = header["records"], tensors["last"]
     prompts, moves = plan(cfg)
     cfg.output.path = None  # the frames are written here, not as a generation's PNG
     gen._settle(cfg)  # seed, precision and size as they run; checks before any work
-    folder, video_path = check_animation_outputs(cfg, clear=True)
-    return memory_errors(cfg, lambda: _frames(gen, cfg, prompts, moves, folder, video_path,
-                                              callback, progress))
+    if done is None:
+        folder, video_path = check_animation_outputs(cfg, clear=True)
+    else:
+        folder, video_path = Path(cfg.animation.output), _video_path(cfg)
+        if [r["prompt"] for r in done[0]] != prompts[:len(done[0])]:
+            log.warning("with %d frames the story's parts switch at other frames than in the %d "
+                        "made so far", cfg.animation.frames, len(done[0]))
+    out = _Output(cfg, folder, video_path, gen.vqgan.downsample_factor, *(done or ([], None)))
+    return memory_errors(cfg, lambda: _frames(gen, cfg, prompts, moves, out, callback, progress))
 
 
-def _frames(gen, cfg, prompts, moves, folder, video_path, callback, progress):
+def _video_path(cfg: DictConfig) -> Path:
+    return Path(cfg.output.video) if cfg.output.video else Path(cfg.animation.output) / "animation.mp4"
+
+
+def _frames(gen, cfg, prompts, moves, out, callback, progress):
     a, t0 = cfg.animation, time.perf_counter()
-    result = AnimationResult([], [], None, cfg)
-    shown: list = []  # the video's frames
+    result = AnimationResult(out.records, out.files(), out.last, cfg)
     try:
-        with tqdm(total=a.frames, disable=not progress, desc="animate", unit="frame") as bar:
-            for f in range(a.frames):
+        with tqdm(total=a.frames, initial=len(out.records), disable=not progress, desc="animate",
+                  unit="frame") as bar:
+            for f in range(len(out.records), a.frames):
                 image = _frame(gen, cfg, f, prompts[f], moves, result.last)
                 move = {name: moves[name][f] if f else None for name in TRANSFORMS}  # 0: no move
                 loss = image.loss
                 record = {"frame": f, "prompt": prompts[f], **move, "steps": image.steps,
                           "loss": loss, "seed": cfg.seed,
-                          "path": str(folder / f"frame-{f:05d}.png")}
-                result.files += _write_frame(image.tensor, record, cfg, folder, result.records,
-                                             shown, video_path)
+                          "path": str(out.folder / f"frame-{f:05d}.png")}
+                result.files += out.write(image.tensor, record)
                 result.last = image.tensor
                 bar.set_postfix(prompt=prompts[f][:30], loss="-" if loss is None else f"{loss:.4f}")
                 bar.update()
@@ -229,28 +252,50 @@ def _frame(gen, cfg, f, prompt, moves, last) -> _Made:
         with torch.no_grad():
             z = gen.vqgan.encode(warp(last.to(gen.device), border=a.border, **move))
         z.requires_grad_()
-    image, losses, interrupted = gen._loop(fcfg, z, cutouts, streams, targets, None, None, False)
+    image, losses, interrupted, _ = gen._loop(fcfg, z, cutouts, streams, targets, None, None, False)
     if interrupted:
         raise KeyboardInterrupt
     return _Made(image.detach().cpu(), losses[-1].item() if losses else None, fcfg.optim.steps)
 
 
-def _write_frame(image, record, cfg, folder, records, shown, video_path) -> list[Path]:
-    """Write one finished frame: its PNG, the records so far, and the whole video again."""
-    text = {key: str(value) for key, value in record.items() if key != "path"}
-    text.update(vqclip_version=__version__, config=OmegaConf.to_yaml(cfg))
-    png = save_png(to_pil(image[0]), record["path"], text)
-    records.append(record)
-    jsonl = folder / "frames.jsonl"
-    with atomic_path(jsonl) as tmp:
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
-    shown.append(video_frame(image))
-    video = VideoWriter(video_path, fps=cfg.animation.fps)  # a temp file, renamed when whole
-    try:
-        for frame in shown:
-            video.append(frame)
-    except BaseException:  # Ctrl-C included: the last whole video stays in place
-        video.close(keep=False)
-        raise
-    video.close()
-    return [png, jsonl, video_path]
+class _Output:
+    """An animation's files: each frame's PNG, the records so far, the whole video again, and
+    the state to go on from (:mod:`vqclip.resume`), written in that order as each frame is done.
+    A resumed run starts with the ``records`` and the ``last`` frame of the run it continues."""
+
+    def __init__(self, cfg, folder, video_path, factor, records, last):
+        self.cfg, self.folder, self.video_path, self.factor = cfg, folder, video_path, factor
+        self.records, self.last = [], last
+        self.shown = []  # the video's frames
+        for record in records:  # the frames made, as the video shows them
+            record = {**record, "path": str(folder / Path(record["path"]).name)}
+            self.records.append(record)
+            with Image.open(record["path"]) as im:
+                self.shown.append(video_frame(to_tensor(im.convert("RGB"))))
+
+    def files(self) -> list[Path]:
+        """The files of the frames made so far."""
+        frames = [Path(r["path"]) for r in self.records]
+        return [*frames, self.folder / "frames.jsonl", self.video_path, self.folder / STATE] \
+            if frames else []
+
+    def write(self, image: torch.Tensor, record: dict) -> list[Path]:
+        text = {key: str(value) for key, value in record.items() if key != "path"}
+        text.update(vqclip_version=__version__, config=OmegaConf.to_yaml(self.cfg))
+        png = save_png(to_pil(image[0]), record["path"], text)
+        self.records.append(record)
+        jsonl = self.folder / "frames.jsonl"
+        with atomic_path(jsonl) as tmp:
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in self.records))
+        self.shown.append(video_frame(image))
+        video = VideoWriter(self.video_path, fps=self.cfg.animation.fps)  # renamed when whole
+        try:
+            for frame in self.shown:
+                video.append(frame)
+        except BaseException:  # Ctrl-C included: the last whole video stays in place
+            video.close(keep=False)
+            raise
+        video.close()
+        state = save_state(self.folder / STATE, "animation", {"last": image}, self.cfg,
+                           records=self.records, factor=self.factor)
+        return [png, jsonl, self.video_path, state]

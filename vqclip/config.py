@@ -81,6 +81,7 @@ class OutputConfig:
     video: Optional[str] = None  # .mp4 or .gif
     save_every: int = 10  # steps between video frames
     overwrite: bool = False
+    save_state: bool = True  # <path stem>.state.safetensors, to go on from (--resume)
 
 
 @dataclass
@@ -142,7 +143,7 @@ FLAT_KEYS = {
     "clip_pretrained": "models.clip_pretrained", "clip_config": "models.clip_config",
     "rank_clip": "models.rank_clip",
     "output": "output.path", "video": "output.video", "save_every": "output.save_every",
-    "overwrite": "output.overwrite",
+    "overwrite": "output.overwrite", "save_state": "output.save_state",
     **{k: f"animation.{k}" for k in ("frames", "steps_per_frame", "first_steps", "zoom", "angle",
                                       "translate_x", "translate_y", "border", "prompt_at", "fps")},
     **{k: k for k in ("seed", "size", "candidates", "device", "precision", "checkpoint", "compile", "tv_weight",

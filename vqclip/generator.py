@@ -41,11 +41,12 @@ from .config import GenerateConfig, load_config, require_target
 from .cutouts import MakeCutouts, SeedStreams
 from .device import AUTOCAST_DTYPES, autocast, check_precision, resolve_precision
 from .errors import GenerationError, GenerationInterrupted, check_finite, memory_errors
-from .images import load_image, to_pil, to_tensor
+from .images import to_pil
 from .losses import init_loss, prompt_loss, tv_loss
 from .models.low_precision import LowPrecisionCopies
-from .outputs import GenerationResult, check_outputs, video_frame
-from .prompts import build_targets
+from .outputs import GenerationResult, check_outputs, state_path, video_frame
+from .prompts import build_targets, init_latents
+from .resume import LoopState, load_resumed
 from .video import VideoWriter, choose_fps
 
 __all__ = ["GenerationError", "GenerationInterrupted", "Generator", "check_precision", "generate",
@@ -128,7 +129,8 @@ class Generator:
 
     def generate(self, prompt: str | None = None, *, config: DictConfig | dict | None = None,
                  callback: Callback | None = None, progress: bool = False,
-                 overrides: list[str] = (), **kwargs: Any) -> GenerationResult:
+                 overrides: list[str] = (), resume: str | os.PathLike | None = None,
+                 **kwargs: Any) -> GenerationResult:
         """Run the loop.
 
         Args:
@@ -139,6 +141,10 @@ class Generator:
             progress: show a tqdm bar with the loss.
             overrides, **kwargs: ``"key=value"`` strings and flat settings (``prompt``, ``steps``,
                 ``seed``, ``size``, ``cutn``, ...; see ``vqclip.config.FLAT_KEYS``).
+            resume: a generation's PNG (or its ``.state.safetensors``) to go on from, bit for bit
+                (:mod:`vqclip.resume`): its settings, which those given must match, except
+                ``steps`` (the total to reach), the device and the outputs (by default the run's
+                own files, replaced).
         Returns:
             A :class:`GenerationResult`. If ``output.path``/``output.video`` are set, they are written.
         Raises:
@@ -146,8 +152,17 @@ class Generator:
             (set ``overwrite``). GenerationError: NaN loss or out of memory.
             GenerationInterrupted: Ctrl-C; ``.result`` has what was made, saved as configured.
         """
-        cfg = self.settings(prompt, config, overrides, **kwargs)
-        return memory_errors(cfg, lambda: self._run(cfg, callback, progress))
+        state = None
+        if resume is None:
+            cfg = self.settings(prompt, config, overrides, **kwargs)
+        else:
+            path, cfg, header, tensors = load_resumed(
+                resume, "generation", lambda saved: self.settings(
+                    prompt, config if config is not None else saved, overrides, **kwargs))
+            state = LoopState.load(header, tensors, self.device)
+            if state[0].z.shape[1] != self.vqgan.embed_dim:
+                raise ValueError(f"--resume: {path} holds latents of another VQGAN")
+        return memory_errors(cfg, lambda: self._run(cfg, callback, progress, state))
 
     def animate(self, prompt: str | None = None, **kwargs: Any):
         """Make an animation (:func:`vqclip.animation.animate`, which documents the arguments)."""
@@ -173,7 +188,8 @@ class Generator:
         cfg.device = str(self.device)
         return cfg
 
-    def _run(self, cfg: DictConfig, callback: Callback | None, progress: bool) -> GenerationResult:
+    def _run(self, cfg: DictConfig, callback: Callback | None, progress: bool,
+             resume: tuple[LoopState, list] | None = None) -> GenerationResult:
         t0 = time.perf_counter()
         self._settle(cfg)
         K, steps = cfg.candidates, cfg.optim.steps
@@ -181,12 +197,13 @@ class Generator:
         streams, cutouts, targets, z = self._prepare(cfg, seeds)
         video = None
         if cfg.output.video:
-            frames = len(range(0, steps, cfg.output.save_every)) + 1
+            start = resume[0].step if resume else 0
+            frames = len(range(start, steps, cfg.output.save_every)) + 1
             video = VideoWriter(cfg.output.video, fps=choose_fps(frames))
         t1 = time.perf_counter()
         with video or contextlib.nullcontext():
-            final, losses, interrupted = self._loop(cfg, z, cutouts, streams, targets, video,
-                                                    callback, progress)
+            final, losses, interrupted, end = self._loop(cfg, z, cutouts, streams, targets, video,
+                                                         callback, progress, resume)
         t2 = time.perf_counter()
         scores = None
         if cfg.prompts.text.strip() and not interrupted:  # image/noise prompts: no text to rank by
@@ -208,6 +225,9 @@ class Generator:
             result.files.append(video.path)
         if cfg.output.path:
             result.save(cfg.output.path)
+            if cfg.output.save_state:
+                result.files.append(end.save(state_path(cfg.output.path), cfg, losses,
+                                             self.vqgan.downsample_factor))
         if interrupted:
             raise GenerationInterrupted(result)
         return result
@@ -222,8 +242,10 @@ class Generator:
             cfg.seed = int.from_bytes(os.urandom(4), "little") >> 1
         check_outputs(cfg)  # before any work, not after
 
-    def _loop(self, cfg, z, cutouts, streams, targets, video, callback, progress):
-        """The optimization; Ctrl-C ends it early and keeps the current state.
+    def _loop(self, cfg, z, cutouts, streams, targets, video, callback, progress, resume=None):
+        """The optimization, from the start or from ``resume`` (a :class:`LoopState` and the
+        losses so far); returns the final images, the losses, whether Ctrl-C ended it, and the
+        state after its last whole step (a step that Ctrl-C cut short is undone).
 
         Nothing in a step waits for the device: the losses stay on it and are read (and checked
         for NaN) every ``LOSS_EVERY`` steps, which is also how often the progress bar shows them.
@@ -233,33 +255,40 @@ class Generator:
         lo = codebook.min(0).values.view(1, -1, 1, 1)  # the codebook's per-channel range
         hi = codebook.max(0).values.view(1, -1, 1, 1)
         opt = make_optimizer(cfg.optim.name, [z], cfg.optim.lr)
-        losses, checked, interrupted = [], 0, False
-        with tqdm(total=cfg.optim.steps, disable=not progress, desc="generate", unit="step",
-                  leave=False) as bar:
+        losses, state, interrupted = [], None, False
+        if resume is not None:
+            resume[0].restore(z, opt, streams)
+            z_init, losses = resume[0].z_init, list(resume[1])
+        checked = len(losses)
+        with tqdm(total=cfg.optim.steps, initial=checked, disable=not progress, desc="generate",
+                  unit="step", leave=False) as bar:
             try:
-                for step in range(cfg.optim.steps):
+                for step in range(checked, cfg.optim.steps):
+                    state = LoopState.take(step, z, z_init, opt, streams)  # to undo a cut step
                     image, loss = self._step(cfg, z, z_init, opt, cutouts, streams, targets)
                     if cfg.denoise_every and (step + 1) % cfg.denoise_every == 0:
                         self.denoise(cfg, z)
                     torch.clamp_(z.data, lo, hi)
-                    losses.append(loss)
+                    if video is not None and step % cfg.output.save_every == 0:
+                        video.append(video_frame(image))
+                    losses.append(loss)  # the step is whole from here: its frame is written
                     bar.update()
                     if (step + 1) % LOSS_EVERY == 0 or step + 1 == cfg.optim.steps:
                         checked = check_finite(losses, checked, z, cfg.optim.lr)
                         bar.set_postfix(loss=f"{losses[-1].mean().item():.4f}")
-                    if video is not None and step % cfg.output.save_every == 0:
-                        video.append(video_frame(image))
                     if callback is not None:
                         callback(step, {"image": image, "loss": loss, "z": z.detach()})
             except KeyboardInterrupt:
                 interrupted = True  # keep what was made: the current image, the video so far
+                if state is not None and len(losses) == state.step:  # inside a step: undo it
+                    state.restore(z, opt, streams)
         if len(losses) > checked:  # steps since the last read: never keep a NaN image
             check_finite(losses, checked, z, cfg.optim.lr)
         with torch.no_grad():
             final = self.vqgan.decode(self.vqgan.quantize_latents(z.clamp(lo, hi)))
         if video is not None:
             video.append(video_frame(final))
-        return final, losses, interrupted
+        return final, losses, interrupted, LoopState.take(len(losses), z, z_init, opt, streams)
 
     def _step(self, cfg, z, z_init, opt, cutouts, streams, targets):
         opt.zero_grad(set_to_none=True)
@@ -309,7 +338,7 @@ class Generator:
         cutouts = MakeCutouts(self.clip.input_size, cfg.cutouts.cutn, cfg.cutouts.cut_pow,
                               cfg.cutouts.augments, cfg.cutouts.overview)
         targets = build_targets(self.clip, cfg, cutouts)
-        z = self._init_latents(cfg, streams).requires_grad_()  # (K, D, h, w)
+        z = init_latents(self.vqgan, cfg, streams, self.device).requires_grad_()  # (K, D, h, w)
         return streams, cutouts, targets, z
 
     def loss_at(self, prompt: str | None = None, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -349,25 +378,6 @@ class Generator:
             image = self.vqgan.decode(self.vqgan.quantize_latents(z)).float()
         image = median_blur(image, cfg.denoise_size)
         z.copy_(self.vqgan.encode(image))
-
-    def _init_latents(self, cfg: DictConfig, streams: SeedStreams) -> torch.Tensor:
-        (w, h), f, K = cfg.size, self.vqgan.downsample_factor, cfg.candidates
-        image = None  # a start image to encode, the same for every candidate
-        if cfg.prompts.init_image:
-            image = to_tensor(load_image(cfg.prompts.init_image, (w, h)))
-        elif cfg.prompts.init == "gray":
-            image = torch.full((1, 3, h, w), 0.5)
-        if image is not None:
-            with torch.no_grad():
-                z = self.vqgan.encode(image.to(self.device))  # (1, D, h/f, w/f)
-            return z.expand(K, -1, -1, -1).clone()
-        codes, n = [], self.vqgan.codebook.shape[0]
-        for g in streams.cpu:  # random codes, from each candidate's own stream
-            if cfg.prompts.init == "flat":  # one code everywhere: a plain image
-                codes.append(torch.randint(n, (1, 1), generator=g).expand(h // f, w // f))
-            else:
-                codes.append(torch.randint(n, (h // f, w // f), generator=g))
-        return self.vqgan.codebook[torch.stack(codes).to(self.device)].permute(0, 3, 1, 2).clone()
 
 
 def generate(prompt: str | None = None, *, config: DictConfig | dict | None = None,

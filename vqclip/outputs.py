@@ -4,7 +4,8 @@ that they can be written before any work starts.
 Files of a run saved as ``out.png``:
     one candidate: ``out.png`` (its record in PNG text chunks) and ``out.yaml`` (the same record);
     K > 1 candidates: ``out-0.png`` ... ``out-(K-1).png``, each with its ``.yaml``, and
-    ``out-ranking.json``, the candidates best first.
+    ``out-ranking.json``, the candidates best first; ``out.state.safetensors``, what a run
+    needs to go on (``output.save_state``; :mod:`vqclip.resume`).
 
 A video (``output.video``) gets a frame every ``output.save_every`` steps and one of the final
 images, each the candidates side by side (:func:`video_frame`); the loop writes it as it goes.
@@ -28,7 +29,7 @@ from PIL import Image
 from . import __version__
 from .images import atomic_path, save_png
 
-__all__ = ["GenerationResult", "candidate_paths", "check_outputs", "ranking_path", "video_frame"]
+__all__ = ["GenerationResult", "candidate_paths", "check_outputs", "ranking_path", "state_path", "video_frame"]
 
 
 @dataclass
@@ -116,6 +117,13 @@ def candidate_paths(path: str | Path, k: int) -> list[Path]:
     return [path] if k == 1 else [path.with_name(f"{path.stem}-{i}{path.suffix}") for i in range(k)]
 
 
+def state_path(output: str | Path) -> Path:
+    """Where the state of a run saved as ``output`` goes, to go on from (:mod:`vqclip.resume`):
+    ``out.png`` -> ``out.state.safetensors``, one file for all the candidates."""
+    output = Path(output)
+    return output.with_name(f"{output.stem}.state.safetensors")
+
+
 def ranking_path(path: str | Path) -> Path:
     """Where the ranking of several candidates saved as ``path`` goes."""
     path = Path(path)
@@ -135,6 +143,8 @@ def check_outputs(cfg: DictConfig) -> list[Path]:
     planned = [*paths, *(p.with_suffix(".yaml") for p in paths)]
     if len(paths) > 1:
         planned.append(ranking_path(cfg.output.path))
+    if paths and cfg.output.save_state:
+        planned.append(state_path(cfg.output.path))
     if cfg.output.video:
         planned.append(Path(cfg.output.video))
     for p in planned:

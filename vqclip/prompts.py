@@ -23,8 +23,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .images import load_image, to_tensor
+
 __all__ = ["Prompt", "Target", "parse_text_prompts", "parse_image_prompt", "parse_noise_prompt",
-           "build_targets", "embed_texts", "noise_target"]
+           "build_targets", "embed_texts", "init_latents", "noise_target"]
 
 log = logging.getLogger(__name__)
 
@@ -144,8 +146,6 @@ def build_targets(clip, cfg, cutouts) -> list[Target]:
     ``clip``; an image prompt is embedded through ``cutouts`` (a :class:`vqclip.cutouts.MakeCutouts`)
     of itself, drawn from a fixed stream, so every seed gets the same targets."""
     from .cutouts import SeedStreams
-    from .images import load_image, to_tensor
-
     targets = embed_texts(clip, parse_text_prompts(cfg.prompts.text))
     for spec in cfg.prompts.images:
         prompt = parse_image_prompt(spec)
@@ -158,3 +158,26 @@ def build_targets(clip, cfg, cutouts) -> list[Target]:
     targets += [noise_target(parse_noise_prompt(s), dim, clip.device)
                 for s in cfg.prompts.noise]
     return targets
+
+
+def init_latents(vqgan, cfg, streams, device) -> torch.Tensor:
+    """The loop's start ``(K, D, h, w)``: the init image (or a gray one) encoded, the same for
+    every candidate; else random codes, one per cell (``random``) or one for all (``flat``),
+    each candidate's from its own stream ``streams.cpu[k]``."""
+    (w, h), f, K = cfg.size, vqgan.downsample_factor, cfg.candidates
+    image = None  # a start image to encode, the same for every candidate
+    if cfg.prompts.init_image:
+        image = to_tensor(load_image(cfg.prompts.init_image, (w, h)))
+    elif cfg.prompts.init == "gray":
+        image = torch.full((1, 3, h, w), 0.5)
+    if image is not None:
+        with torch.no_grad():
+            z = vqgan.encode(image.to(device))  # (1, D, h/f, w/f)
+        return z.expand(K, -1, -1, -1).clone()
+    codes, n = [], vqgan.codebook.shape[0]
+    for g in streams.cpu:
+        if cfg.prompts.init == "flat":  # one code everywhere: a plain image
+            codes.append(torch.randint(n, (1, 1), generator=g).expand(h // f, w // f))
+        else:
+            codes.append(torch.randint(n, (h // f, w // f), generator=g))
+    return vqgan.codebook[torch.stack(codes).to(device)].permute(0, 3, 1, 2).clone()

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
+import threading
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
@@ -15,6 +19,22 @@ __all__ = ["VideoWriter", "choose_fps"]
 def choose_fps(num_frames: int, seconds: float = 8.0) -> int:
     """A frame rate that plays ``num_frames`` in about ``seconds``, within 5..30 fps."""
     return max(5, min(30, round(num_frames / seconds)))
+
+
+@contextlib.contextmanager
+def _ctrl_c_held() -> Iterator[None]:
+    """Hold Ctrl-C (SIGINT) back while ffmpeg is started, and raise it just after: one that
+    lands in the fork's hooks would be lost, since Python ignores exceptions raised there. Only
+    the main thread receives signals, so only it holds them."""
+    if threading.current_thread() is not threading.main_thread() or \
+            not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 class VideoWriter:
@@ -46,11 +66,14 @@ class VideoWriter:
             if self._writer is None:
                 import imageio.v2 as iio
 
-                # macro_block_size=2: keep the exact size (H.264 with yuv420p needs even sides)
-                self._writer = iio.get_writer(self.tmp, format="FFMPEG", fps=self.fps,
-                                              codec="libx264", quality=8, macro_block_size=2,
-                                              ffmpeg_log_level="error")
-            self._writer.append_data(frame)
+                with _ctrl_c_held():  # ffmpeg starts on the first frame
+                    # macro_block_size=2: keep the exact size (H.264 in yuv420p needs even sides)
+                    self._writer = iio.get_writer(self.tmp, format="FFMPEG", fps=self.fps,
+                                                  codec="libx264", quality=8, macro_block_size=2,
+                                                  ffmpeg_log_level="error")
+                    self._writer.append_data(frame)
+            else:
+                self._writer.append_data(frame)
         self.count += 1
 
     def close(self, keep: bool = True) -> Path | None:

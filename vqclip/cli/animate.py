@@ -49,6 +49,8 @@ def register(sub) -> None:
     g.add_argument("--fps", type=int, help="the video's frame rate (default 12)")
     g.add_argument("--overwrite", action="store_const", const=True,
                    help="replace the frames of an earlier animation in DIR")
+    g.add_argument("--resume", metavar="DIR", help="go on from a finished or stopped animation "
+                   "in DIR to --frames in all; its settings stand")
     add_verbosity(p, argparse.SUPPRESS)
     p.set_defaults(func=cmd_animate)
 
@@ -63,6 +65,12 @@ def animate_config(args: argparse.Namespace):
         if not frame.isdigit():
             raise ValueError(f"--prompt-at {frame!r}: FRAME must be a whole number >= 0")
     args.prompt_at = [f"{frame}:{text}" for frame, text in pairs] or None
+    if args.resume:
+        if args.folder:
+            raise ValueError("--resume DIR goes on in DIR; drop --output")
+        cfg = loop_config(args, resume="animation")
+        plan(cfg)
+        return cfg
     cfg = loop_config(args, overrides=[f"animation.output={args.folder}"] if args.folder else [])
     plan(cfg)
     with new_run_folder(None if cfg.animation.output else cfg.prompts.text.split("^")[0]) as folder:
@@ -82,7 +90,7 @@ def _animate(cfg, args: argparse.Namespace) -> int:
 
     gen = load_generator(cfg)
     try:
-        result = gen.animate(config=cfg, progress=not args.quiet)
+        result = gen.animate(config=cfg, progress=not args.quiet, resume=args.resume)
     except AnimationInterrupted as e:
         for path in sorted(set(e.result.files)):
             print(path)

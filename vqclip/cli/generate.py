@@ -37,6 +37,11 @@ def register(sub) -> None:
     g.add_argument("--save-every", dest="save_every", type=int, metavar="N",
                    help="steps between video frames")
     g.add_argument("--overwrite", action="store_const", const=True, help="replace existing files")
+    g.add_argument("--no-state", dest="save_state", action="store_const", const=False,
+                   help="write no RUN.state.safetensors (what --resume goes on from)")
+    g.add_argument("--resume", metavar="RUN.png",
+                   help="go on from a finished or stopped run (its .state.safetensors) to --steps "
+                        "in all, replacing its files; its settings stand")
     add_verbosity(p, argparse.SUPPRESS)
     p.set_defaults(func=cmd_generate)
 
@@ -131,34 +136,52 @@ def new_run_folder(prompt: str | None) -> Iterator[Path | None]:
         raise
 
 
-def loop_config(args: argparse.Namespace, overrides: list[str] = ()):
+def loop_config(args: argparse.Namespace, overrides: list[str] = (), resume: str | None = None):
     """The config of a loop command's line: prompt, flags, ``key=value`` words and
-    ``overrides``, checked as far as can be before the models load."""
+    ``overrides``, checked as far as can be before the models load. With ``--resume``, the
+    stopped run's own (``resume`` is its kind), which what the line gives must match."""
     from ..config import FLAT_KEYS, load_config, require_target
+    from ..device import resolve_device
+    from ..generator import check_precision
 
     prompts = [a for a in args.rest if not _is_override(a)]
-    words = [a for a in args.rest if _is_override(a)]
+    words = [*overrides, *(a for a in args.rest if _is_override(a))]
     if len(prompts) > 1:
         raise ValueError(f"one prompt only, got {len(prompts)} words: quote it, e.g. "
                          f"vqclip {args.command} \"{' '.join(prompts)}\"")
     flags = {k: getattr(args, k) for k in FLAT_KEYS if getattr(args, k, None) is not None}
     if prompts:
         flags["prompt"] = prompts[0]
-    cfg = load_config(preset=args.preset, files=[args.config] if args.config else (),
-                      overrides=[*overrides, *words], **flags)
+    files = [args.config] if args.config else ()
+    if resume:
+        cfg = _resumed_config(args, resume, files, words, flags)
+    else:
+        cfg = load_config(preset=args.preset, files=files, overrides=words, **flags)
     require_target(cfg)
-    from ..device import resolve_device
-    from ..generator import check_precision
-
     check_precision(cfg.precision, resolve_device(cfg.device))
     return cfg
+
+
+def _resumed_config(args: argparse.Namespace, kind: str, files, words, flags):
+    from ..config import load_config
+    from ..resume import load_resumed
+
+    models = load_config(preset=args.preset).models if args.preset else None
+
+    def change(saved):
+        new = load_config(saved, files=files, overrides=words, **flags)
+        if models is not None:  # a preset given again must name the run's models
+            new.models = models
+        return new
+
+    return load_resumed(args.resume, kind, change, tensors=False)[1]
 
 
 def generate_config(args: argparse.Namespace):
     """The config a ``vqclip generate`` command line describes (checked, output path filled in)."""
     from ..outputs import check_outputs
 
-    cfg = loop_config(args)
+    cfg = loop_config(args, resume="generation" if args.resume else None)
     with new_run_folder(cfg.prompts.text if cfg.output.path is None else None) as folder:
         if folder is not None:  # a fresh run folder; never overwrites anything
             cfg.output.path = str(folder / "final.png")
@@ -195,7 +218,7 @@ def _generate(cfg, args: argparse.Namespace) -> int:
 
     gen = load_generator(cfg)
     try:
-        result = gen.generate(progress=not args.quiet)
+        result = gen.generate(config=cfg, progress=not args.quiet, resume=args.resume)
     except GenerationInterrupted as e:
         for path in e.result.files:
             print(path)
