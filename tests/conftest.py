@@ -219,6 +219,36 @@ def tiny_models(tmp_path_factory):
             "device": "cpu"}
 
 
+# another family for ensembles: its own input size, embedding width and a short text context
+TINY_CLIP_B = {
+    "embed_dim": 24,
+    "vision_cfg": {"image_size": 48, "layers": 1, "width": 64, "patch_size": 16, "head_width": 32},
+    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_b(tmp_path_factory):
+    """A second tiny CLIP on disk, unlike the first: ``{"arch", "pretrained", "config"}``, an
+    ensemble member's fields."""
+    import json
+
+    import open_clip
+
+    from vqclip.checkpoints import save_safetensors
+    from vqclip.models.clip import register_clip_config
+
+    folder = tmp_path_factory.mktemp("tiny_clip_b")
+    config = folder / "vqclip-test-tiny-b.json"
+    config.write_text(json.dumps(TINY_CLIP_B))
+    register_clip_config(config)
+    torch.manual_seed(1)
+    save_safetensors(open_clip.create_model("vqclip-test-tiny-b").state_dict(),
+                     folder / "clip.safetensors")
+    return {"arch": "vqclip-test-tiny-b", "pretrained": str(folder / "clip.safetensors"),
+            "config": str(config)}
+
+
 @pytest.fixture(scope="session")
 def tiny_generator(tiny_models):
     from vqclip.generator import Generator

@@ -3,11 +3,13 @@
 import hashlib
 import json
 import os
+import shutil
 import signal
 
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import save_file
 
 from vqclip.cli import main
 from vqclip.cutouts import MakeCutouts
@@ -136,6 +138,10 @@ def test_bad_resumes_are_one_line_exit_2_before_any_model_loads(tiny_generator, 
     tiny_generator.animate("a red circle", frames=2, steps_per_frame=1, first_steps=1,
                            output=str(tmp_path / "a"), **SMALL)
     (tmp_path / "fake.state.safetensors").write_bytes(b"\x80\x04K\x01.")  # a pickle, not a state
+    save_file({"z": torch.zeros(1)}, str(tmp_path / "damaged.state.safetensors"),
+              metadata={"vqclip": json.dumps({"format": "vqclip-state/1", "kind": "generation"})})
+    shutil.copytree(tmp_path / "a", tmp_path / "a2")
+    (tmp_path / "a2" / "frame-00001.png").unlink()
     before = _digest(tmp_path)
 
     def never(*args, **kwargs):
@@ -149,6 +155,8 @@ def test_bad_resumes_are_one_line_exit_2_before_any_model_loads(tiny_generator, 
          "is not a vqclip state file"),
         (["generate", "--resume", str(tmp_path / "a" / "animation.state.safetensors")],
          "holds no generation state"),
+        (["generate", "--resume", str(tmp_path / "damaged.state.safetensors")],
+         "is damaged: no config in it"),
         (["generate", "--resume", png, "--steps", "4"], "has 4 steps already"),
         (["generate", "--resume", png, "--steps", "9", "--lr", "0.5"],
          "the run has optim.lr=0.1, not 0.5"),
@@ -158,6 +166,10 @@ def test_bad_resumes_are_one_line_exit_2_before_any_model_loads(tiny_generator, 
          "the run has models.vqgan="),
         (["animate", "--resume", str(tmp_path / "g")], "no saved state there"),
         (["animate", "--resume", str(tmp_path / "a")], "has 2 frames already"),
+        (["animate", "--resume", str(tmp_path / "a2"), "--frames", "4"],
+         "frame-00001.png is missing"),
+        (["animate", "--resume", str(tmp_path / "a"), "--frames", "4", "--steps", "9"],
+         "the run has optim.steps="),
         (["animate", "--resume", str(tmp_path / "a"), "--frames", "4", "--output", "b"],
          "drop --output"),
         (["animate", "--resume", str(tmp_path / "a"), "--frames", "4", "--zoom", "1.2"],
@@ -169,13 +181,17 @@ def test_bad_resumes_are_one_line_exit_2_before_any_model_loads(tiny_generator, 
     assert _digest(tmp_path) == before
 
 
-def test_settings_given_again_that_match_are_fine(tiny_generator, tiny_models, tmp_path):
-    out = tmp_path / "o.png"
-    model_flags = [f"--{k.replace('_', '-')}={v}" for k, v in tiny_models.items()]
-    assert main(["-q", "generate", "a red circle", *model_flags, "--size", "30", "30", "--cutn",
-                 "4", "--seed", "1", "--steps", "2", "--output", str(out)]) == 0
-    # the same line again, with --resume: the size is compared as rounded, auto as what ran
-    assert main(["-q", "generate", "a red circle", *model_flags, "--size", "30", "30", "--cutn",
-                 "4", "--seed", "1", "--steps", "4", "--precision", "auto", "--resume",
-                 str(out)]) == 0
-    assert read_png_text(out)["steps_done"] == "4"
+def test_settings_given_again_that_match_are_fine(tiny_models, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    line = ["-q", "generate", "a red circle", *[f"--{k.replace('_', '-')}={v}" for k, v in
+                                                tiny_models.items()],
+            "--size", "30", "30", "--cutn", "4", "--seed", "1", "--output", "./o.png"]
+    assert main([*line, "--steps", "2"]) == 0
+    # the same line again, with --resume: the size is compared as rounded, auto as what ran,
+    # the (default) preset under the model flags, the output as the run's own file
+    assert main([*line, "--steps", "4", "--precision", "auto", "--preset", "imagenet",
+                 "--resume", "o.png"]) == 0
+    assert read_png_text(tmp_path / "o.png")["steps_done"] == "4"
+    # a new run over it that keeps no state leaves none of the old one to resume by mistake
+    assert main([*line, "--steps", "1", "--overwrite", "--no-state"]) == 0
+    assert not (tmp_path / "o.state.safetensors").exists()

@@ -188,7 +188,7 @@ def test_one_clip_load_serves_generator_and_scorer(tiny_models, monkeypatch):
     monkeypatch.setattr(clip_module, "load_clip", lambda *a, **k: calls.append(a) or real(*a, **k))
     gen = Generator.load(**tiny_models)
     result = gen.generate("a red circle", steps=1, seed=0, size=[32, 32], cutn=2)
-    assert gen.scorer.clip is gen.clip and gen.ranker is gen.scorer
+    assert gen.scorer.clip is gen.clip and gen.ranker() is gen.scorer
     assert gen.scorer.rank(result.tensor, "a red circle")[0].score == pytest.approx(result.scores[0])
     assert len(calls) == 1
 
@@ -358,7 +358,7 @@ def test_ctrl_c_while_ranking_keeps_the_candidates_unranked(tiny_generator, tmp_
     def stop(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(tiny_generator.ranker, "score", stop)
+    monkeypatch.setattr(tiny_generator.ranker(), "score", stop)
     with pytest.raises(GenerationInterrupted) as info:
         tiny_generator.generate("a cat", steps=2, seed=0, candidates=2, size=[32, 32], cutn=2,
                                 output=str(tmp_path / "k.png"))

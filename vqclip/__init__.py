@@ -5,7 +5,8 @@ Importing the package loads nothing heavy; the names below import their modules 
 
 from importlib import import_module
 
-__all__ = ["CLIP", "GenerateConfig", "GenerationResult", "Generator", "Scorer", "VQGAN", "download",
+__all__ = ["CLIP", "EnsembleScorer", "GenerateConfig", "GenerationResult", "Generator", "Scorer",
+           "VQGAN", "download",
            "generate", "list_models", "load_clip", "load_config", "load_vqgan", "resolve_device"]
 __version__ = "0.1.0"
 
@@ -17,7 +18,7 @@ _LAZY = {
     "GenerateConfig": "vqclip.config", "load_config": "vqclip.config",
     "Generator": "vqclip.generator", "GenerationResult": "vqclip.outputs",
     "generate": "vqclip.generator",
-    "Scorer": "vqclip.scoring",
+    "Scorer": "vqclip.scoring", "EnsembleScorer": "vqclip.ensemble",
 }
 
 

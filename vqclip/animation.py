@@ -40,13 +40,13 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from . import __version__
-from .config import frame_prompts
 from .errors import memory_errors
 from .images import atomic_path, save_png, to_pil, to_tensor
 from .outputs import video_frame
+from .prompts import parse_text_prompts
 from .resume import ANIMATION_STATE as STATE
 from .resume import load_resumed, save_state
-from .schedules import schedule_values
+from .schedules import prompts_by_frame, schedule_values
 from .video import VideoWriter
 
 __all__ = ["AnimationInterrupted", "AnimationResult", "animate", "check_animation_outputs",
@@ -117,7 +117,10 @@ def plan(cfg: DictConfig) -> tuple[list[str], dict[str, list[float]]]:
     if cfg.candidates != 1:
         raise ValueError("an animation has one candidate; drop --candidates")
     a = cfg.animation
-    return frame_prompts(cfg), {name: schedule_values(a[name], a.frames, name) for name in TRANSFORMS}
+    prompts = prompts_by_frame(cfg.prompts.text, list(a.prompt_at), a.frames)
+    for text in set(prompts):
+        parse_text_prompts(text)  # each part's syntax
+    return prompts, {name: schedule_values(a[name], a.frames, name) for name in TRANSFORMS}
 
 
 def check_animation_outputs(cfg: DictConfig, clear: bool = False) -> tuple[Path, Path]:
@@ -246,21 +249,21 @@ def _frame(gen, cfg, f, prompt, moves, last) -> _Made:
         if f == 0 else a.steps_per_frame
     if f:  # the start comes from the frame before: skip encoding the init image again
         fcfg.prompts.init_image, fcfg.prompts.init = None, "random"
-    streams, cutouts, targets, z = gen._prepare(fcfg, [frame_seed(cfg.seed, f)])
+    streams, guides, z = gen._prepare(fcfg, [frame_seed(cfg.seed, f)])
     if f:
         move = {name: moves[name][f] for name in TRANSFORMS}
         with torch.no_grad():
             z = gen.vqgan.encode(warp(last.to(gen.device), border=a.border, **move))
         z.requires_grad_()
-    image, losses, interrupted, _ = gen._loop(fcfg, z, cutouts, streams, targets, None, None, False)
+    image, losses, interrupted, _ = gen._loop(fcfg, z, guides, streams, None, None, False)
     if interrupted:
         raise KeyboardInterrupt
     return _Made(image.detach().cpu(), losses[-1].item() if losses else None, fcfg.optim.steps)
 
 
 class _Output:
-    """An animation's files: each frame's PNG, the records so far, the whole video again, and
-    the state to go on from (:mod:`vqclip.resume`), written in that order as each frame is done.
+    """An animation's files: each frame's PNG, the records so far, the state to go on from
+    (:mod:`vqclip.resume`) and the whole video again, written in that order as each frame is done.
     A resumed run starts with the ``records`` and the ``last`` frame of the run it continues."""
 
     def __init__(self, cfg, folder, video_path, factor, records, last):
@@ -287,6 +290,10 @@ class _Output:
         jsonl = self.folder / "frames.jsonl"
         with atomic_path(jsonl) as tmp:
             tmp.write_text("".join(json.dumps(r) + "\n" for r in self.records))
+        written = [png, jsonl, self.video_path]
+        if self.cfg.output.save_state:  # before the video, the slowest: a frame kept is resumable
+            written.append(save_state(self.folder / STATE, "animation", {"last": image}, self.cfg,
+                                      records=self.records, factor=self.factor))
         self.shown.append(video_frame(image))
         video = VideoWriter(self.video_path, fps=self.cfg.animation.fps)  # renamed when whole
         try:
@@ -296,6 +303,4 @@ class _Output:
             video.close(keep=False)
             raise
         video.close()
-        state = save_state(self.folder / STATE, "animation", {"last": image}, self.cfg,
-                           records=self.records, factor=self.factor)
-        return [png, jsonl, self.video_path, state]
+        return written

@@ -18,11 +18,11 @@ import platform
 import resource
 import sys
 import time
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 
-__all__ = ["OFFICIAL_F16_16384", "bench_grid", "bench_one", "machine", "precision_agreement",
+__all__ = ["OFFICIAL_F16_16384", "bench_grid", "bench_one", "loss_at", "machine", "precision_agreement",
            "random_generator"]
 
 # model.params of the published vqgan_imagenet_f16_16384 YAML (its loss section aside)
@@ -104,9 +104,31 @@ def bench_grid(sizes: Sequence[int], cutns: Sequence[int], **kwargs) -> Iterator
                 yield pool.submit(bench_one, size, cutn, **kwargs).result()
 
 
+def loss_at(gen, prompt: str | None = None, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first step's losses ``(K,)`` and their gradient on the latents ``(K, D, h, w)``.
+
+    The latents are the start and the cutouts the first step's of a run with these settings
+    (give ``seed``), so calls that differ only in ``precision`` see the same inputs: how far
+    a precision moves the loss and gradient from fp32's, with everything else fixed.
+    """
+    from .config import load_config
+
+    if prompt is not None:
+        kwargs["prompt"] = prompt
+    cfg = load_config(gen.config, **kwargs)
+    if cfg.seed is None:
+        raise ValueError("loss_at needs a seed: the start and the cutouts come from it")
+    cfg.output.path = cfg.output.video = None  # it writes nothing
+    gen._settle(cfg)
+    streams, guides, z = gen._prepare(cfg, [cfg.seed + k for k in range(cfg.candidates)])
+    _, loss = gen._loss(cfg, z, z.detach(), guides, streams)
+    loss.sum().backward()
+    return loss.detach(), z.grad
+
+
 def precision_agreement(gen, precision: str = "bf16", **settings) -> dict:
     """How far ``precision`` moves the first step's losses and gradient from fp32's, with the
-    latents and the cutouts fixed (:meth:`vqclip.Generator.loss_at`; give ``seed``).
+    latents and the cutouts fixed (:func:`loss_at`; give ``seed``).
 
     Returns:
         ``loss_rel_diff``: the largest relative difference of a candidate's loss;
@@ -115,8 +137,8 @@ def precision_agreement(gen, precision: str = "bf16", **settings) -> dict:
     """
     import torch.nn.functional as F
 
-    ref_loss, ref_grad = gen.loss_at(precision="fp32", **settings)
-    loss, grad = gen.loss_at(precision=precision, **settings)
+    ref_loss, ref_grad = loss_at(gen, precision="fp32", **settings)
+    loss, grad = loss_at(gen, precision=precision, **settings)
     return {"precision": precision, "loss_fp32": ref_loss.tolist(), "loss": loss.tolist(),
             "loss_rel_diff": ((loss - ref_loss).abs() / ref_loss.abs()).max().item(),
             "grad_cosine": F.cosine_similarity(grad.flatten(1), ref_grad.flatten(1)).min().item()}

@@ -12,16 +12,19 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from .schedules import check_animation
+
 __all__ = ["AUGMENTS", "BORDERS", "FLAT_KEYS", "INITS", "OPTIMIZERS", "PRECISIONS", "PRESET_DIR", "GenerateConfig",
-           "check_config", "frame_prompts", "list_presets", "load_config", "require_target"]
+           "check_config", "list_presets", "load_config", "require_target"]
 
 PRESET_DIR = Path(__file__).resolve().parent.parent / "configs"
 DEFAULT_PRESET = "imagenet"
@@ -36,6 +39,17 @@ MAX_LR = 100.0  # latents live in the codebook's range (about ±5 for the offici
 
 
 @dataclass
+class EnsembleMember:
+    """One more CLIP that guides with the main one (``models.ensemble``): its own cutouts at
+    its own input size, its own prompt embeddings, its loss weighted by ``weight``."""
+
+    arch: str = MISSING  # open_clip architecture, or "ARCH/TAG" from the registry
+    pretrained: Optional[str] = None  # registry tag or weights file
+    config: Optional[str] = None  # open_clip model-config JSON for a custom architecture
+    weight: float = 1.0
+
+
+@dataclass
 class ModelsConfig:
     vqgan: str = "imagenet_f16_16384"  # registry name or .ckpt/.safetensors path
     vqgan_config: Optional[str] = None  # taming YAML, when not implied by the name or file
@@ -45,6 +59,10 @@ class ModelsConfig:
     # ranks the results: "ARCH/TAG" from the registry or "ARCH/path/to/weights"; default: the
     # guiding CLIP. Another model does not reward images that only fool the guiding one.
     rank_clip: Optional[str] = None
+    # more CLIPs that guide (and rank, without rank_clip): the loss is the weighted mean of each
+    # model's, the main one weighing clip_weight. Images that fool one model rarely fool others.
+    ensemble: list[EnsembleMember] = field(default_factory=list)
+    clip_weight: float = 1.0
 
 
 @dataclass
@@ -141,7 +159,8 @@ FLAT_KEYS = {
     "overview": "cutouts.overview",
     "vqgan": "models.vqgan", "vqgan_config": "models.vqgan_config", "clip": "models.clip",
     "clip_pretrained": "models.clip_pretrained", "clip_config": "models.clip_config",
-    "rank_clip": "models.rank_clip",
+    "rank_clip": "models.rank_clip", "clip_ensemble": "models.ensemble",
+    "clip_weight": "models.clip_weight",
     "output": "output.path", "video": "output.video", "save_every": "output.save_every",
     "overwrite": "output.overwrite", "save_state": "output.save_state",
     **{k: f"animation.{k}" for k in ("frames", "steps_per_frame", "first_steps", "zoom", "angle",
@@ -188,6 +207,9 @@ def load_config(config: GenerateConfig | DictConfig | dict | None = None, *,
         layers.append(("config", config))
     for path in files:
         layers.append((str(path), _read_yaml(Path(path))))
+    if kwargs.get("clip_ensemble") is not None:
+        kwargs["clip_ensemble"] = [parse_member(m) if isinstance(m, str) else m
+                                   for m in kwargs["clip_ensemble"]]
     given = {FLAT_KEYS[k]: _plain(v) for k, v in kwargs.items() if v is not None}
     layers.append(("arguments", _nest(given)))
     dotlist, strings = [], {}
@@ -253,13 +275,18 @@ def check_config(cfg: DictConfig) -> None:
     need(rank is None or (rank.count("/") >= 1 and all(rank.split("/", 1))),
          f"rank_clip {rank!r} must be ARCH/TAG (e.g. ViT-B-16/laion2b_s34b_b88k) or "
          "ARCH/path/to/weights")
+    for m in cfg.models.ensemble:
+        need(m.weight > 0 and math.isfinite(m.weight),
+             f"ensemble member {m.arch}: weight must be > 0, got {m.weight}")
+    need(cfg.models.clip_weight > 0 and math.isfinite(cfg.models.clip_weight),
+         f"clip_weight must be > 0, got {cfg.models.clip_weight}")
     need(cfg.output.save_every >= 1, f"save_every must be >= 1, got {cfg.output.save_every}")
     video = cfg.output.video
     need(video is None or Path(video).suffix.lower() in (".mp4", ".gif"),
          f"video {video!r}: the file name must end in .mp4 or .gif")
     need(cfg.output.path is None or Path(cfg.output.path).suffix.lower() == ".png",
          f"output {cfg.output.path!r}: the file name must end in .png")
-    _check_animation(cfg)
+    check_animation(cfg.animation)
     # prompt syntax and input files: fail here, before minutes of model loading
     from .prompts import parse_image_prompt, parse_noise_prompt, parse_text_prompts
 
@@ -271,39 +298,6 @@ def check_config(cfg: DictConfig) -> None:
 
     for path in [*paths, *([cfg.prompts.init_image] if cfg.prompts.init_image else [])]:
         load_image(path)  # FileNotFoundError, or ValueError if Pillow cannot read it
-
-
-def frame_prompts(cfg: DictConfig) -> list[str]:
-    """An animation's text prompt at each frame (its story or switches), each one checked.
-
-    Raises:
-        ValueError: see :func:`vqclip.schedules.prompts_by_frame` and the prompt syntax.
-    """
-    from .prompts import parse_text_prompts
-    from .schedules import prompts_by_frame
-
-    prompts = prompts_by_frame(cfg.prompts.text, list(cfg.animation.prompt_at), cfg.animation.frames)
-    for text in set(prompts):
-        parse_text_prompts(text)
-    return prompts
-
-
-def _check_animation(cfg: DictConfig) -> None:
-    from .schedules import schedule_values
-
-    a = cfg.animation
-    if a.frames < 1:
-        raise ValueError(f"frames must be >= 1, got {a.frames}")
-    if a.steps_per_frame < 0 or (a.first_steps is not None and a.first_steps < 0):
-        raise ValueError("steps_per_frame and first_steps must be >= 0")
-    for name in ("zoom", "angle", "translate_x", "translate_y"):
-        values = schedule_values(a[name], a.frames, name)
-        if name == "zoom" and min(values) <= 0:
-            raise ValueError(f"zoom {a.zoom!r} must stay > 0 (1 is no zoom)")
-    if a.border not in BORDERS:
-        raise ValueError(f"unknown border {a.border!r}; available: {', '.join(BORDERS)}")
-    if not 1 <= a.fps <= 120:
-        raise ValueError(f"fps must be in 1..120, got {a.fps}")
 
 
 def require_target(cfg: DictConfig) -> None:
@@ -343,6 +337,26 @@ def _read_yaml(path: Path) -> DictConfig:
     if not isinstance(cfg, DictConfig):
         raise ValueError(f"{path}: a config file must be a mapping of settings")
     return cfg
+
+
+def parse_member(spec: str) -> dict[str, Any]:
+    """``--clip-ensemble ARCH/TAG[:WEIGHT]`` (a registry name, or ``ARCH/path/to/weights``) as a
+    :class:`EnsembleMember`'s fields.
+
+    Raises:
+        ValueError: no ``/``, or a weight that is not a positive number.
+    """
+    name, weight = spec, 1.0
+    head, colon, tail = spec.rpartition(":")
+    if colon and head and re.fullmatch(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?", tail.strip()):
+        name, weight = head, float(tail)
+    arch, slash, pretrained = name.partition("/")
+    if not (arch and slash and pretrained):
+        raise ValueError(f"--clip-ensemble {spec!r}: give ARCH/TAG[:WEIGHT] (e.g. "
+                         "ViT-B-16/openai:0.5) or ARCH/path/to/weights[:WEIGHT]")
+    if not weight > 0:
+        raise ValueError(f"--clip-ensemble {spec!r}: the weight must be > 0")
+    return {"arch": arch, "pretrained": pretrained, "weight": weight}
 
 
 def _plain(value: Any) -> Any:

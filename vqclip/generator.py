@@ -30,7 +30,7 @@ import functools
 import logging
 import os
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 from kornia.filters import median_blur
@@ -45,6 +45,7 @@ from .images import to_pil
 from .losses import init_loss, prompt_loss, tv_loss
 from .models.low_precision import LowPrecisionCopies
 from .outputs import GenerationResult, check_outputs, state_path, video_frame
+from .ensemble import Guide, guide_weights, loaded_models, member_name, ranker
 from .prompts import build_targets, init_latents
 from .resume import LoopState, load_resumed
 from .video import VideoWriter, choose_fps
@@ -72,14 +73,22 @@ class Generator:
     Args:
         vqgan, clip: loaded models, on the same device.
         config: the defaults for :meth:`generate` (its ``models`` section must name these models).
-        rank_clip: another CLIP that ranks the results (``models.rank_clip``); default ``clip``.
+        rank_clip: another CLIP that ranks the results (``models.rank_clip``); default: the
+            guiding CLIPs.
+        ensemble: more CLIPs that guide with ``clip`` (``models.ensemble``, in its order).
     """
 
-    def __init__(self, vqgan, clip, config: DictConfig | None = None, rank_clip=None):
+    def __init__(self, vqgan, clip, config: DictConfig | None = None, rank_clip=None,
+                 ensemble: Sequence = ()):
         self.vqgan, self.clip, self.rank_clip = vqgan, clip, rank_clip
+        self.clips = [clip, *ensemble]  # the guides' models
         self.config = config if config is not None else OmegaConf.structured(GenerateConfig)
+        if len(self.config.models.ensemble) != len(ensemble):
+            raise ValueError(f"the config names {len(self.config.models.ensemble)} ensemble "
+                             f"members; {len(ensemble)} models were given")
         self.device = clip.device
         self._low_precision = LowPrecisionCopies()
+        self._scorers: dict = {}
 
     @functools.cached_property
     def scorer(self):
@@ -88,12 +97,10 @@ class Generator:
 
         return Scorer(self.clip)
 
-    @functools.cached_property
-    def ranker(self):
-        """The Scorer that ranks results: on ``rank_clip`` if given, else :attr:`scorer`."""
-        from .scoring import Scorer
-
-        return self.scorer if self.rank_clip is None else Scorer(self.rank_clip, cache=False)
+    def ranker(self, cfg: DictConfig | None = None):
+        """The Scorer that ranks results: on ``rank_clip`` if given, else on the guiding CLIPs
+        (:attr:`scorer`, or an ensemble's with the weights in ``cfg``; default this config's)."""
+        return ranker(self, cfg or self.config)
 
     @classmethod
     def load(cls, config: DictConfig | dict | None = None, *, preset: str | None = None,
@@ -115,8 +122,8 @@ class Generator:
         cfg = load_config(config, preset=preset, **kwargs)
         m = cfg.models
         device = resolve_device(cfg.device)
-        require([m.vqgan, f"{m.clip}/{m.clip_pretrained}", *([m.rank_clip] if m.rank_clip else [])],
-                allow_download=download)
+        require([m.vqgan, f"{m.clip}/{m.clip_pretrained}", *([m.rank_clip] if m.rank_clip else []),
+                 *(member_name(e.arch, e.pretrained) for e in m.ensemble)], allow_download=download)
         vqgan = load_vqgan(m.vqgan, m.vqgan_config, device=device, download=download)
         clip = load_clip(m.clip, m.clip_pretrained, device=device, download=download,
                          config=m.clip_config)
@@ -124,8 +131,10 @@ class Generator:
         if m.rank_clip and m.rank_clip != f"{m.clip}/{m.clip_pretrained}":
             arch, tag = m.rank_clip.split("/", 1)
             rank_clip = load_clip(arch, tag, device=device, download=download)
+        ensemble = [load_clip(e.arch, e.pretrained, device=device, download=download,
+                              config=e.config) for e in m.ensemble]
         cfg.device = str(device)
-        return cls(vqgan, clip, cfg, rank_clip)
+        return cls(vqgan, clip, cfg, rank_clip, ensemble)
 
     def generate(self, prompt: str | None = None, *, config: DictConfig | dict | None = None,
                  callback: Callback | None = None, progress: bool = False,
@@ -160,8 +169,6 @@ class Generator:
                 resume, "generation", lambda saved: self.settings(
                     prompt, config if config is not None else saved, overrides, **kwargs))
             state = LoopState.load(header, tensors, self.device)
-            if state[0].z.shape[1] != self.vqgan.embed_dim:
-                raise ValueError(f"--resume: {path} holds latents of another VQGAN")
         return memory_errors(cfg, lambda: self._run(cfg, callback, progress, state))
 
     def animate(self, prompt: str | None = None, **kwargs: Any):
@@ -181,7 +188,7 @@ class Generator:
             raise ValueError(f"this Generator runs on {self.device}; load another for {device}")
         cfg = load_config(config if config is not None else self.config, overrides=overrides,
                           **kwargs)
-        if OmegaConf.to_container(cfg.models) != OmegaConf.to_container(self.config.models):
+        if loaded_models(cfg.models) != loaded_models(self.config.models):
             raise ValueError(f"this Generator holds {self.config.models.vqgan} + "
                              f"{self.config.models.clip}; load another for {cfg.models.vqgan} + "
                              f"{cfg.models.clip}")
@@ -194,21 +201,22 @@ class Generator:
         self._settle(cfg)
         K, steps = cfg.candidates, cfg.optim.steps
         seeds = [cfg.seed + k for k in range(K)]
-        streams, cutouts, targets, z = self._prepare(cfg, seeds)
+        start = resume[0].step if resume else 0
+        streams, guides, z = self._prepare(cfg, seeds, resume[0].z if resume else None)
         video = None
         if cfg.output.video:
-            start = resume[0].step if resume else 0
             frames = len(range(start, steps, cfg.output.save_every)) + 1
             video = VideoWriter(cfg.output.video, fps=choose_fps(frames))
         t1 = time.perf_counter()
         with video or contextlib.nullcontext():
-            final, losses, interrupted, end = self._loop(cfg, z, cutouts, streams, targets, video,
-                                                         callback, progress, resume)
+            final, losses, interrupted, end = self._loop(cfg, z, guides, streams, video, callback,
+                                                         progress, resume)
         t2 = time.perf_counter()
         scores = None
         if cfg.prompts.text.strip() and not interrupted:  # image/noise prompts: no text to rank by
             try:
-                scores = self.ranker.score(final, cfg.prompts.text)[0].tolist()  # tensors: none skipped
+                ranker = self.ranker(cfg)
+                scores = ranker.score(final, cfg.prompts.text)[0].tolist()  # tensors: none skipped
             except KeyboardInterrupt:  # the images are made: keep them, unranked
                 interrupted = True
             except RuntimeError as e:  # out of memory in a large rank CLIP, say
@@ -218,9 +226,9 @@ class Generator:
         result = GenerationResult(
             images=[to_pil(im) for im in final], tensor=final.cpu(),
             losses=torch.stack(losses).cpu() if losses else torch.empty(0, K), seeds=seeds, config=cfg,
-            timings={"setup": t1 - t0, "steps": t2 - t1, "per_step": (t2 - t1) / max(1, len(losses)),
+            timings={"setup": t1 - t0, "steps": t2 - t1, "per_step": (t2 - t1) / max(1, len(losses) - start),
                      "rank": t3 - t2, "total": t3 - t0}, steps_done=len(losses), interrupted=interrupted,
-            scores=scores, ranked_by=self.ranker.clip.name if scores is not None else None)
+            scores=scores, ranked_by=ranker.name if scores is not None else None)
         if video is not None and video.count:
             result.files.append(video.path)
         if cfg.output.path:
@@ -228,6 +236,8 @@ class Generator:
             if cfg.output.save_state:
                 result.files.append(end.save(state_path(cfg.output.path), cfg, losses,
                                              self.vqgan.downsample_factor))
+            else:  # none that belongs to another run may stay beside these images
+                state_path(cfg.output.path).unlink(missing_ok=True)
         if interrupted:
             raise GenerationInterrupted(result)
         return result
@@ -242,7 +252,7 @@ class Generator:
             cfg.seed = int.from_bytes(os.urandom(4), "little") >> 1
         check_outputs(cfg)  # before any work, not after
 
-    def _loop(self, cfg, z, cutouts, streams, targets, video, callback, progress, resume=None):
+    def _loop(self, cfg, z, guides, streams, video, callback, progress, resume=None):
         """The optimization, from the start or from ``resume`` (a :class:`LoopState` and the
         losses so far); returns the final images, the losses, whether Ctrl-C ended it, and the
         state after its last whole step (a step that Ctrl-C cut short is undone).
@@ -265,7 +275,7 @@ class Generator:
             try:
                 for step in range(checked, cfg.optim.steps):
                     state = LoopState.take(step, z, z_init, opt, streams)  # to undo a cut step
-                    image, loss = self._step(cfg, z, z_init, opt, cutouts, streams, targets)
+                    image, loss = self._step(cfg, z, z_init, opt, guides, streams)
                     if cfg.denoise_every and (step + 1) % cfg.denoise_every == 0:
                         self.denoise(cfg, z)
                     torch.clamp_(z.data, lo, hi)
@@ -290,24 +300,28 @@ class Generator:
             video.append(video_frame(final))
         return final, losses, interrupted, LoopState.take(len(losses), z, z_init, opt, streams)
 
-    def _step(self, cfg, z, z_init, opt, cutouts, streams, targets):
+    def _step(self, cfg, z, z_init, opt, guides, streams):
         opt.zero_grad(set_to_none=True)
-        image, loss = self._loss(cfg, z, z_init, cutouts, streams, targets)
+        image, loss = self._loss(cfg, z, z_init, guides, streams)
         loss.sum().backward()  # a sum: each candidate gets the gradient of its own loss
         opt.step()
         return image.detach(), loss.detach()
 
-    def _loss(self, cfg, z, z_init, cutouts, streams, targets):
-        """The decoded images ``(K, 3, H, W)`` and the losses ``(K,)`` of latents z, with their graph."""
-        decode, encode = self._models(cfg)
+    def _loss(self, cfg, z, z_init, guides, streams):
+        """The decoded images ``(K, 3, H, W)`` and the losses ``(K,)`` of latents z, with their
+        graph: each guide's loss on its own cutouts, weighted by its share."""
+        decode, encoders = self._models(cfg)
         z_q = self.vqgan.quantize_latents(z)  # fp32 always: code choice is a nearest-neighbour search
         with autocast(cfg.precision, self.device):
             image = decode(z_q, cfg.checkpoint).float()  # (K, 3, H, W) in [0, 1]
-        cuts = cutouts(image, streams)  # (K * cutn, 3, S, S)
-        with autocast(cfg.precision, self.device):
-            embeds = encode(cuts)  # (K * cutn, D), fp32
-        embeds = embeds.view(z.shape[0], cfg.cutouts.cutn, -1)  # (K, cutn, D)
-        loss = sum(prompt_loss(embeds, t.embeds, t.weight, t.stop) for t in targets)  # (K,)
+        loss = 0
+        for guide, encode in zip(guides, encoders, strict=True):
+            cuts = guide.cutouts(image, streams)  # (K * cutn, 3, S, S), S the model's own
+            with autocast(cfg.precision, self.device):
+                embeds = encode(cuts)  # (K * cutn, D), fp32
+            embeds = embeds.view(z.shape[0], cfg.cutouts.cutn, -1)  # (K, cutn, D)
+            loss = loss + guide.weight * sum(prompt_loss(embeds, t.embeds, t.weight, t.stop)
+                                             for t in guide.targets)  # (K,)
         if cfg.prompts.init_weight:
             loss = loss + cfg.prompts.init_weight * init_loss(z, z_init)
         if cfg.tv_weight:
@@ -315,50 +329,34 @@ class Generator:
         return image, loss
 
     def _models(self, cfg: DictConfig):
-        """The decoder and image encoder of a step (``cfg`` settled): compiled if asked; under
-        bf16 or fp16, copies whose weights are in that dtype already (autocast would cast them
-        on every call; :mod:`vqclip.models.low_precision`)."""
+        """The decoder and each guide's image encoder of a step (``cfg`` settled): compiled if
+        asked; under bf16 or fp16, copies whose weights are in that dtype already (autocast
+        would cast them on every call; :mod:`vqclip.models.low_precision`)."""
         if cfg.compile:
             return self._compiled
         if cfg.precision not in AUTOCAST_DTYPES:
-            return self.vqgan.decode, self.clip.encode_image
+            return self.vqgan.decode, [c.encode_image for c in self.clips]
         copies, dtype = self._low_precision, AUTOCAST_DTYPES[cfg.precision]
         vqgan = copies.get(self.vqgan, ["post_quant_conv", "decoder"], dtype)
-        clip = dataclasses.replace(self.clip, model=copies.get(self.clip.model, ["visual"], dtype))
-        return vqgan.decode, clip.encode_image
+        return vqgan.decode, [dataclasses.replace(c, model=copies.get(c.model, ["visual"], dtype))
+                              .encode_image for c in self.clips]
 
     @functools.cached_property
     def _compiled(self):
-        """The decoder and CLIP's image encoder under torch.compile, made once per Generator."""
-        return torch.compile(self.vqgan.decode), torch.compile(self.clip.encode_image)
+        """The decoder and the CLIPs' image encoders under torch.compile, made once."""
+        return torch.compile(self.vqgan.decode), [torch.compile(c.encode_image) for c in self.clips]
 
-    def _prepare(self, cfg: DictConfig, seeds: list[int]):
-        """Each candidate's random streams, the cutouts, the prompts' targets and the start z."""
-        streams = SeedStreams(seeds, self.device)
-        cutouts = MakeCutouts(self.clip.input_size, cfg.cutouts.cutn, cfg.cutouts.cut_pow,
-                              cfg.cutouts.augments, cfg.cutouts.overview)
-        targets = build_targets(self.clip, cfg, cutouts)
-        z = init_latents(self.vqgan, cfg, streams, self.device).requires_grad_()  # (K, D, h, w)
-        return streams, cutouts, targets, z
-
-    def loss_at(self, prompt: str | None = None, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        """The first step's losses ``(K,)`` and their gradient on the latents ``(K, D, h, w)``.
-
-        The latents are the start and the cutouts the first step's of a run with these settings
-        (give ``seed``), so calls that differ only in ``precision`` see the same inputs: how far
-        a precision moves the loss and gradient from fp32's, with everything else fixed.
-        """
-        if prompt is not None:
-            kwargs["prompt"] = prompt
-        cfg = load_config(self.config, **kwargs)
-        if cfg.seed is None:
-            raise ValueError("loss_at needs a seed: the start and the cutouts come from it")
-        cfg.output.path = cfg.output.video = None  # it writes nothing
-        self._settle(cfg)
-        streams, cutouts, targets, z = self._prepare(cfg, [cfg.seed + k for k in range(cfg.candidates)])
-        _, loss = self._loss(cfg, z, z.detach(), cutouts, streams, targets)
-        loss.sum().backward()
-        return loss.detach(), z.grad
+    def _prepare(self, cfg: DictConfig, seeds: list[int], z: torch.Tensor | None = None):
+        """Each candidate's random streams, the guides (cutouts and targets of each CLIP) and
+        the start z (made from the config unless given)."""
+        streams, guides = SeedStreams(seeds, self.device), []
+        for clip, weight in zip(self.clips, guide_weights(cfg.models), strict=True):
+            cutouts = MakeCutouts(clip.input_size, cfg.cutouts.cutn, cfg.cutouts.cut_pow,
+                                  cfg.cutouts.augments, cfg.cutouts.overview)
+            guides.append(Guide(clip, cutouts, build_targets(clip, cfg, cutouts), weight))
+        if z is None:
+            z = init_latents(self.vqgan, cfg, streams, self.device)  # (K, D, h, w)
+        return streams, guides, z.clone().requires_grad_()
 
     @torch.no_grad()
     def denoise(self, cfg: DictConfig, z: torch.Tensor) -> None:
@@ -392,3 +390,4 @@ def generate(prompt: str | None = None, *, config: DictConfig | dict | None = No
         kwargs["prompt"] = prompt
     gen = Generator.load(config, preset=preset, download=download, **kwargs)
     return gen.generate(callback=callback, progress=progress)
+

@@ -33,6 +33,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from . import __version__
+from .config import load_config
 from .images import atomic_path
 from .outputs import state_path
 
@@ -43,8 +44,14 @@ log = logging.getLogger(__name__)
 FORMAT = "vqclip-state/1"
 ANIMATION_STATE = "animation.state.safetensors"
 # what a resumed run may change: its length, where it runs, and where its outputs go
-FREE = {"optim.steps", "animation.frames", "device", "output.path", "output.video",
-        "output.overwrite", "output.save_state", "animation.fps"}
+FREE = {"generation": {"optim.steps", "device", "output.path", "output.video",
+                       "output.overwrite", "output.save_state"},
+        "animation": {"animation.frames", "device", "output.video", "output.overwrite",
+                      "animation.fps"}}
+# what a state file of each kind holds: header keys, then tensors
+HOLDS = {"generation": ({"config", "factor", "step", "optim", "device"},
+                        {"z", "z_init", "losses"}),
+         "animation": ({"config", "factor", "records"}, {"last"})}
 
 
 def find_state(path: str | Path, kind: str) -> Path:
@@ -93,10 +100,18 @@ def read_state(path: str | Path, kind: str, tensors: bool = True) -> tuple[dict,
             data = {k: f.get_tensor(k) for k in f.keys()} if tensors else {}
     except (SafetensorError, OSError, ValueError) as e:
         raise ValueError(f"--resume: {path} is not a vqclip state file ({e})") from None
-    if header.get("format") != FORMAT or header.get("kind") != kind:
+    if not isinstance(header, dict) or header.get("format") != FORMAT or header.get("kind") != kind:
+        found = header if isinstance(header, dict) else {}
         raise ValueError(f"--resume: {path} holds no {kind} state (format "
-                         f"{header.get('format')!r}, kind {header.get('kind')!r})")
-    header["config"] = OmegaConf.create(header["config"])
+                         f"{found.get('format')!r}, kind {found.get('kind')!r})")
+    keys, names = HOLDS[kind]
+    missing = sorted(keys - header.keys()) + sorted(names - data.keys() if tensors else [])
+    if missing or not isinstance(header["config"], dict):
+        raise ValueError(f"--resume: {path} is damaged: no {(missing or ['config'])[0]} in it")
+    try:
+        header["config"] = load_config(header["config"])
+    except (ValueError, FileNotFoundError) as e:
+        raise ValueError(f"--resume: {path} holds settings this vqclip cannot read ({e})") from None
     return header, data
 
 
@@ -115,11 +130,17 @@ def load_resumed(path: str | Path, kind: str, change: Callable[[DictConfig], Dic
     """
     path = find_state(path, kind)
     header, data = read_state(path, kind, tensors)
-    saved, factor = header["config"], header["factor"]
+    saved, factor, free = header["config"], header["factor"], FREE[kind]
     if kind == "animation":  # where it is now, wherever it was made
         own = saved.animation.output = str(path.parent)
+        for record in header["records"]:
+            if not (path.parent / Path(record["path"]).name).is_file():
+                raise ValueError(f"--resume: {Path(record['path']).name} is missing from "
+                                 f"{path.parent}; the animation cannot go on without it")
     else:
         own = saved.output.path = str(path.parent / Path(saved.output.path).name)
+        saved.output.video = None  # the stopped run's progress video stays; --video starts one
+    saved.output.overwrite = False  # only what is given now
     new = change(copy.deepcopy(saved))
     old_leaves = _leaves(OmegaConf.to_container(saved))
     new_leaves = _leaves(OmegaConf.to_container(new))
@@ -127,16 +148,13 @@ def load_resumed(path: str | Path, kind: str, change: Callable[[DictConfig], Dic
         old = old_leaves.get(key)
         if key == "size" and value is not None:
             value = [max(factor, int(s / factor + 0.5) * factor) for s in value]
-        if value == old or key in FREE or (key == "precision" and value == "auto"):
+        if value == old or key in free or (key == "precision" and value == "auto"):
             continue
         raise ValueError(f"--resume: the run has {key}={_show(old)}, not {_show(value)}; leave it "
                          "out to go on with the run's own settings")
-    video = saved.output.video
-    for key in FREE & new_leaves.keys():
+    for key in free & new_leaves.keys():
         OmegaConf.update(saved, key, new_leaves[key], merge=False)
-    if kind == "generation" and saved.output.video == video:
-        saved.output.video = None  # the stopped run's progress video stays as it was
-    if kind == "animation" or saved.output.path == own:
+    if kind == "animation" or Path(saved.output.path).resolve() == Path(own).resolve():
         saved.output.overwrite = True  # the run's own files, continued
     done, total, name = (header["step"], saved.optim.steps, "steps") if kind == "generation" \
         else (len(header["records"]), saved.animation.frames, "frames")

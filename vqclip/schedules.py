@@ -15,7 +15,7 @@ Example:
 
 from __future__ import annotations
 
-__all__ = ["parse_prompt_at", "parse_schedule", "prompts_by_frame", "schedule_values", "value_at"]
+__all__ = ["check_animation", "parse_prompt_at", "parse_schedule", "prompts_by_frame", "schedule_values", "value_at"]
 
 
 def parse_schedule(spec: str | float | int, name: str = "schedule") -> list[tuple[int, float]]:
@@ -112,3 +112,21 @@ def _number(text: str, name: str, spec: str) -> float:
     if value != value or value in (float("inf"), float("-inf")):
         raise ValueError(f"{name} {spec!r}: {text!r} is not a finite number")
     return value
+
+
+def check_animation(a) -> None:
+    """Raise ValueError naming the first ``animation.*`` setting (section ``a``) out of range."""
+    from .config import BORDERS
+
+    if a.frames < 1:
+        raise ValueError(f"frames must be >= 1, got {a.frames}")
+    if a.steps_per_frame < 0 or (a.first_steps is not None and a.first_steps < 0):
+        raise ValueError("steps_per_frame and first_steps must be >= 0")
+    for name in ("zoom", "angle", "translate_x", "translate_y"):
+        values = schedule_values(a[name], a.frames, name)
+        if name == "zoom" and min(values) <= 0:
+            raise ValueError(f"zoom {a.zoom!r} must stay > 0 (1 is no zoom)")
+    if a.border not in BORDERS:
+        raise ValueError(f"unknown border {a.border!r}; available: {', '.join(BORDERS)}")
+    if not 1 <= a.fps <= 120:
+        raise ValueError(f"fps must be in 1..120, got {a.fps}")

@@ -100,6 +100,11 @@ class Scorer:
         self.use_cache = cache and clip.source is not None
 
     @property
+    def name(self) -> str:
+        """The model's name, as results record who scored them."""
+        return self.clip.name
+
+    @property
     def cache(self) -> "EmbeddingCache | None":
         """The on-disk cache of image-file embeddings, opened on first use; None if off."""
         if self._cache is None and self.use_cache:
@@ -110,29 +115,35 @@ class Scorer:
     def load(cls, config=None, *, preset: str | None = None, device: str = "auto",
              download: bool = True, overrides: Sequence[str] = (), cache: bool = True,
              cache_dir: str | Path | None = None, batch_size: int = 64, **models: Any) -> "Scorer":
-        """Load only the CLIP that a generation config names (``preset="imagenet"`` by default).
+        """Load only the CLIP that a generation config names (``preset="imagenet"`` by default),
+        or its ensemble (``models.ensemble``; then an :class:`vqclip.ensemble.EnsembleScorer`).
 
         Args:
-            models: ``clip``, ``clip_pretrained``, ``clip_config`` over the preset's.
+            models: ``clip``, ``clip_pretrained``, ``clip_config``, ``clip_ensemble`` and
+                ``clip_weight`` over the preset's.
         """
         from .config import load_config
         from .device import resolve_device
+        from .ensemble import EnsembleScorer, guide_weights, member_name
         from .models.clip import load_clip
         from .pretrained import CLIP_MODELS, require
 
         if batch_size < 1:  # before a model is loaded, or downloaded
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        unknown = sorted(set(models) - {"clip", "clip_pretrained", "clip_config"})
+        known = ("clip", "clip_pretrained", "clip_config", "clip_ensemble", "clip_weight")
+        unknown = sorted(set(models) - set(known))
         if unknown:
-            raise ValueError(f"unknown setting {unknown[0]!r} for a Scorer; known: clip, "
-                             "clip_pretrained, clip_config")
+            raise ValueError(f"unknown setting {unknown[0]!r} for a Scorer; known: "
+                             f"{', '.join(known)}")
         m = load_config(config, preset=preset, overrides=overrides, **models).models
-        name = f"{m.clip}/{m.clip_pretrained}"
-        if name in CLIP_MODELS:
-            require([name], allow_download=download)
-        clip = load_clip(m.clip, m.clip_pretrained, device=resolve_device(device),
-                         download=download, config=m.clip_config)
-        return cls(clip, cache=cache, cache_dir=cache_dir, batch_size=batch_size)
+        specs = [(m.clip, m.clip_pretrained, m.clip_config),
+                 *((e.arch, e.pretrained, e.config) for e in m.ensemble)]
+        names = [member_name(arch, tag) for arch, tag, _ in specs]
+        require([name for name in names if name in CLIP_MODELS], allow_download=download)
+        scorers = [cls(load_clip(arch, tag, device=resolve_device(device), download=download,
+                                 config=json), cache=cache, cache_dir=cache_dir,
+                       batch_size=batch_size) for arch, tag, json in specs]
+        return scorers[0] if len(scorers) == 1 else EnsembleScorer(scorers, guide_weights(m))
 
     # ---------------------------------------------------------------------------------- encoders
 

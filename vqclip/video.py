@@ -23,9 +23,10 @@ def choose_fps(num_frames: int, seconds: float = 8.0) -> int:
 
 @contextlib.contextmanager
 def _ctrl_c_held() -> Iterator[None]:
-    """Hold Ctrl-C (SIGINT) back while ffmpeg is started, and raise it just after: one that
-    lands in the fork's hooks would be lost, since Python ignores exceptions raised there. Only
-    the main thread receives signals, so only it holds them."""
+    """Hold Ctrl-C (SIGINT) back for the block and raise it just after: one that lands in the
+    hooks of the fork that starts ffmpeg would be lost (Python ignores exceptions raised there),
+    and one inside a write to ffmpeg's pipe would leave half a frame in it. Only the main thread
+    receives signals, so only it holds them."""
     if threading.current_thread() is not threading.main_thread() or \
             not hasattr(signal, "pthread_sigmask"):
         yield
@@ -63,16 +64,16 @@ class VideoWriter:
         if self.path.suffix.lower() == ".gif":
             self._frames.append(frame)
         else:
-            if self._writer is None:
-                import imageio.v2 as iio
+            import imageio.v2 as iio
 
-                with _ctrl_c_held():  # ffmpeg starts on the first frame
+            # ffmpeg starts on the first frame, and each frame is one write to its pipe: neither
+            # may be cut short (a lost Ctrl-C, a torn frame)
+            with _ctrl_c_held():
+                if self._writer is None:
                     # macro_block_size=2: keep the exact size (H.264 in yuv420p needs even sides)
                     self._writer = iio.get_writer(self.tmp, format="FFMPEG", fps=self.fps,
                                                   codec="libx264", quality=8, macro_block_size=2,
                                                   ffmpeg_log_level="error")
-                    self._writer.append_data(frame)
-            else:
                 self._writer.append_data(frame)
         self.count += 1
 

@@ -66,7 +66,7 @@ def animate_config(args: argparse.Namespace):
             raise ValueError(f"--prompt-at {frame!r}: FRAME must be a whole number >= 0")
     args.prompt_at = [f"{frame}:{text}" for frame, text in pairs] or None
     if args.resume:
-        if args.folder:
+        if args.folder and Path(args.folder).resolve() != Path(args.resume).resolve():
             raise ValueError("--resume DIR goes on in DIR; drop --output")
         cfg = loop_config(args, resume="animation")
         plan(cfg)

@@ -28,6 +28,11 @@ def add_clip_flags(group) -> None:
     group.add_argument("--clip-pretrained", dest="clip_pretrained", metavar="TAG|PATH")
     group.add_argument("--clip-config", dest="clip_config", metavar="JSON",
                        help="open_clip model config for a custom architecture")
+    group.add_argument("--clip-ensemble", dest="clip_ensemble", action="append",
+                       metavar="ARCH/TAG[:W]", help="one more CLIP that guides (and scores) with "
+                       "the main one, weighing W (default 1); repeatable")
+    group.add_argument("--clip-weight", dest="clip_weight", type=float, metavar="W",
+                       help="the main CLIP's weight in an ensemble (default 1)")
 
 
 def names(text: str) -> list[str]:

@@ -169,10 +169,9 @@ def _resumed_config(args: argparse.Namespace, kind: str, files, words, flags):
     models = load_config(preset=args.preset).models if args.preset else None
 
     def change(saved):
-        new = load_config(saved, files=files, overrides=words, **flags)
         if models is not None:  # a preset given again must name the run's models
-            new.models = models
-        return new
+            saved.models = models
+        return load_config(saved, files=files, overrides=words, **flags)
 
     return load_resumed(args.resume, kind, change, tensors=False)[1]
 

@@ -78,7 +78,8 @@ def _out_of_memory(command):
 def _scorer(args: argparse.Namespace):
     from ..scoring import Scorer
 
-    models = {k: getattr(args, k) for k in ("clip", "clip_pretrained", "clip_config")
+    models = {k: getattr(args, k) for k in ("clip", "clip_pretrained", "clip_config",
+                                            "clip_ensemble", "clip_weight")
               if getattr(args, k) is not None}
     return Scorer.load(preset=args.preset, device=args.device or "auto", cache=not args.no_cache,
                        batch_size=args.batch_size, **models)

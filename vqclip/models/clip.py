@@ -62,9 +62,36 @@ class CLIP:
         return self.model.encode_image(self.normalize(images)).float()
 
     def encode_text(self, texts: Sequence[str]) -> torch.Tensor:
-        """Embed texts with open_clip's tokenizer."""
+        """Embed texts with open_clip's tokenizer; a text longer than its context is cut there,
+        with a warning (once per model and text) that names the words dropped."""
+        for text in texts:
+            _warn_if_cut(self, text)
         tokens = self.tokenizer(list(texts)).to(self.device)
         return self.model.encode_text(tokens).float()
+
+
+_CHECKED: set[tuple[str, str]] = set()  # (model, text) pairs already checked for length
+
+
+def dropped_words(tokenizer, text: str) -> str | None:
+    """What ``tokenizer`` cuts from the end of ``text`` to fit its context, as text; None when
+    it fits, or when the tokenizer is not open_clip's plain BPE one (which this can read)."""
+    n = getattr(tokenizer, "context_length", None)
+    if not n or getattr(tokenizer, "reduction_fn", None) or not hasattr(tokenizer, "decode"):
+        return None
+    body = tokenizer.encode(text)  # without the start and end tokens, which take 2 places
+    return tokenizer.decode(body[n - 2:]).strip() if len(body) > n - 2 else None
+
+
+def _warn_if_cut(clip: CLIP, text: str) -> None:
+    if (clip.name, text) in _CHECKED:
+        return
+    _CHECKED.add((clip.name, text))
+    dropped = dropped_words(clip.tokenizer, text)
+    if dropped:
+        log.warning("%s reads %d tokens of a text; it drops the end of %r: %r", clip.name,
+                    clip.tokenizer.context_length, text[:40] + ("..." if len(text) > 40 else ""),
+                    dropped)
 
 
 def register_clip_config(path: str | Path) -> str:
