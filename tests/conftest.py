@@ -189,6 +189,24 @@ TINY_CLIP = {
 }
 
 
+def write_tiny_clip(folder, name: str, config: dict):
+    """A CLIP ``name`` of ``config`` (an open_clip model config) in ``folder``: the config JSON,
+    registered, and random weights from torch's generator as it stands. Returns both paths."""
+    import json
+
+    import open_clip
+
+    from vqclip.checkpoints import save_safetensors
+    from vqclip.models.clip import register_clip_config
+
+    path = folder / f"{name}.json"
+    path.write_text(json.dumps(config))
+    register_clip_config(path)
+    weights = folder / "clip.safetensors"
+    save_safetensors(open_clip.create_model(name).state_dict(), weights)
+    return path, weights
+
+
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory):
     """A tiny VQGAN (vqclip safetensors) and a tiny CLIP (config JSON + weights) on disk.
@@ -196,12 +214,7 @@ def tiny_models(tmp_path_factory):
     Returns the keyword arguments that point ``load_config``/``Generator.load`` at them; the CLI
     flags are the same names with dashes.
     """
-    import json
-
-    import open_clip
-
     from vqclip.checkpoints import save_safetensors
-    from vqclip.models.clip import register_clip_config
     from vqclip.models.vqgan import VQGAN, VQGANConfig
 
     folder = tmp_path_factory.mktemp("tiny_models")
@@ -209,14 +222,9 @@ def tiny_models(tmp_path_factory):
     torch.manual_seed(0)
     save_safetensors(VQGAN(cfg).state_dict(), folder / "vqgan.safetensors",
                      metadata={"vqclip.vqgan_config": cfg.to_json()})
-    clip_config = folder / "vqclip-test-tiny.json"
-    clip_config.write_text(json.dumps(TINY_CLIP))
-    register_clip_config(clip_config)
-    save_safetensors(open_clip.create_model("vqclip-test-tiny").state_dict(),
-                     folder / "clip.safetensors")
+    clip_config, weights = write_tiny_clip(folder, "vqclip-test-tiny", TINY_CLIP)
     return {"vqgan": str(folder / "vqgan.safetensors"), "clip": "vqclip-test-tiny",
-            "clip_pretrained": str(folder / "clip.safetensors"), "clip_config": str(clip_config),
-            "device": "cpu"}
+            "clip_pretrained": str(weights), "clip_config": str(clip_config), "device": "cpu"}
 
 
 # another family for ensembles: its own input size, embedding width and a short text context
@@ -231,22 +239,10 @@ TINY_CLIP_B = {
 def tiny_clip_b(tmp_path_factory):
     """A second tiny CLIP on disk, unlike the first: ``{"arch", "pretrained", "config"}``, an
     ensemble member's fields."""
-    import json
-
-    import open_clip
-
-    from vqclip.checkpoints import save_safetensors
-    from vqclip.models.clip import register_clip_config
-
-    folder = tmp_path_factory.mktemp("tiny_clip_b")
-    config = folder / "vqclip-test-tiny-b.json"
-    config.write_text(json.dumps(TINY_CLIP_B))
-    register_clip_config(config)
     torch.manual_seed(1)
-    save_safetensors(open_clip.create_model("vqclip-test-tiny-b").state_dict(),
-                     folder / "clip.safetensors")
-    return {"arch": "vqclip-test-tiny-b", "pretrained": str(folder / "clip.safetensors"),
-            "config": str(config)}
+    config, weights = write_tiny_clip(tmp_path_factory.mktemp("tiny_clip_b"),
+                                      "vqclip-test-tiny-b", TINY_CLIP_B)
+    return {"arch": "vqclip-test-tiny-b", "pretrained": str(weights), "config": str(config)}
 
 
 @pytest.fixture(scope="session")
