@@ -41,6 +41,21 @@ def test_clip_training_smoke(tmp_path):
     assert clip.tokenizer(["a red circle"]).shape == (1, 32)  # open_clip's BPE, short context
 
 
+def test_the_resnet_family_trains_through_the_command_and_loads_as_another_clip(tmp_path,
+                                                                               capsys):
+    from vqclip.cli import main
+
+    out, log = tmp_path / "rn.safetensors", tmp_path / "rn.jsonl"
+    assert main(["-q", "train", "shapes-clip", "--family", "resnet", "--steps", "6",
+                 "--batch-size", "16", "--threads", "1", "--out", str(out), "--log", str(log)]) == 0
+    assert capsys.readouterr().out.strip() == str(out)
+    clip = load_clip("vqclip-shapes-rn", out, config=tmp_path / "vqclip-shapes-rn.json")
+    assert type(clip.model.visual).__name__ == "ModifiedResNet" and clip.input_size == 64
+    with torch.no_grad():
+        assert clip.encode_image(torch.rand(2, 3, 64, 64)).shape == (2, 64)  # the ViT's width
+    assert main(["train", "shapes-vqgan", "--family", "resnet"]) == 2  # for shapes-clip only
+
+
 def test_train_command(tmp_path, capsys):
     from vqclip.cli import main
 

@@ -17,6 +17,7 @@ log = logging.getLogger("vqclip")
 _TRAIN_ONLY = {"init": ("shapes-clip", "shapes-clip-loop"), "augments": ("shapes-clip",),
                "clutter": ("shapes-clip",), "negatives": ("shapes-clip",),
                "adversarial": ("shapes-clip",), "clean_weight": ("shapes-clip",),
+               "family": ("shapes-clip",),
                "chains": ("shapes-clip-loop",), "minutes": ("shapes-clip-loop",),
                "device": ("shapes-clip-loop",), "workers": ("shapes-clip-loop",),
                "start": ("shapes-clip-loop",)}
@@ -50,6 +51,9 @@ def register(sub) -> None:
                    help="shapes-clip: train on PGD perturbations up to EPS (L-inf, pixels in 0..1)")
     p.add_argument("--clean-weight", dest="clean_weight", type=float, metavar="W",
                    help="shapes-clip with --adversarial: share of the loss on the clean images")
+    p.add_argument("--family", choices=["vit", "resnet"],
+                   help="shapes-clip: the image tower (default vit, the shipped one; resnet is "
+                        "another family, for ensembles)")
     p.add_argument("--chains", type=int, metavar="N",
                    help="shapes-clip-loop: generation runs side by side (default 256)")
     p.add_argument("--minutes", type=float, help="shapes-clip-loop: stop and save after this long")
@@ -92,7 +96,8 @@ def cmd_train(args: argparse.Namespace) -> int:
                                         log_file=args.log, **kw)
     else:
         kw.update({k: v for k, v in dict(clutter=args.clutter, adversarial=args.adversarial,
-                                         clean_weight=args.clean_weight).items() if v is not None})
+                                         clean_weight=args.clean_weight,
+                                         family=args.family).items() if v is not None})
         if args.augments is not None:
             kw["augments"] = tuple(args.augments)
         if args.negatives:

@@ -23,7 +23,7 @@ from ..cutouts import build_augments
 from .training import bf16_autocast, log_record, save_weights, warmup_cosine
 from .world import LABEL_TEXTS, LABELS, batch, caption, clutter_batch
 
-__all__ = ["SHAPES_CLIP_ARCH", "SHAPES_CLIP_CONFIG", "clip_batch", "clip_update", "contrastive",
+__all__ = ["SHAPES_CLIP_ARCH", "SHAPES_CLIP_CONFIG", "SHAPES_CLIP_FAMILIES", "clip_batch", "clip_update", "contrastive",
            "eval_clip", "mine_negatives", "negative_bank", "register_shapes_clip", "train_clip"]
 
 SHAPES_CLIP_ARCH = "vqclip-shapes"
@@ -34,13 +34,25 @@ SHAPES_CLIP_CONFIG = {
 }
 
 
-def register_shapes_clip(folder: str | Path) -> str:
-    """Write the tiny CLIP's open_clip config JSON to ``folder`` and register it."""
+# another family for ensembles: the same text tower, an image tower of convolutions (open_clip's
+# ModifiedResNet, as in OpenAI's RN50, much narrower): patterns that fool one family rarely fool
+# the other
+SHAPES_CLIP_FAMILIES = {
+    "vit": (SHAPES_CLIP_ARCH, SHAPES_CLIP_CONFIG),
+    "resnet": ("vqclip-shapes-rn", {**SHAPES_CLIP_CONFIG, "vision_cfg": {
+        "image_size": 64, "layers": [1, 1, 1, 1], "width": 24, "head_width": 32}}),
+}
+
+
+def register_shapes_clip(folder: str | Path, family: str = "vit") -> str:
+    """Write a shapes CLIP's open_clip config JSON (``family``: see :data:`SHAPES_CLIP_FAMILIES`)
+    to ``folder`` and register it; returns its architecture's name."""
     from ..models.clip import register_clip_config
 
-    path = Path(folder) / f"{SHAPES_CLIP_ARCH}.json"
+    arch, config = SHAPES_CLIP_FAMILIES[family]
+    path = Path(folder) / f"{arch}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(SHAPES_CLIP_CONFIG, indent=2) + "\n")
+    path.write_text(json.dumps(config, indent=2) + "\n")
     return register_clip_config(path)
 
 
@@ -55,7 +67,7 @@ def train_clip(out: str | Path, steps: int = 4000, batch_size: int = 128, lr: fl
                init: str | Path | None = None, log_file: str | Path | None = None,
                log_every: int = 50, augments: tuple[str, ...] = ("affine", "noise"),
                clutter: int = 48, bf16: bool | None = None, adversarial: float = 0.0,
-               attack_steps: int = 3, clean_weight: float = 0.0) -> Path:
+               attack_steps: int = 3, clean_weight: float = 0.0, family: str = "vit") -> Path:
     """Train the tiny CLIP contrastively on augmented renders and their captions.
 
     Args:
@@ -73,6 +85,7 @@ def train_clip(out: str | Path, steps: int = 4000, batch_size: int = 128, lr: fl
             Santurkar et al. 2019, "Image synthesis with a single robust classifier").
         clean_weight: with ``adversarial``, the share of the loss taken on the clean images (the
             rest on the perturbed ones): robust training costs clean accuracy, and this keeps it.
+        family: the image tower, ``vit`` (the shipped one) or ``resnet`` (for ensembles).
     """
     import open_clip
 
@@ -81,15 +94,15 @@ def train_clip(out: str | Path, steps: int = 4000, batch_size: int = 128, lr: fl
     out = Path(out)
     torch.manual_seed(seed)
     rng = random.Random(seed)
-    register_shapes_clip(out.parent)
-    model = open_clip.create_model(SHAPES_CLIP_ARCH)
+    arch = register_shapes_clip(out.parent, family)
+    model = open_clip.create_model(arch)
     if init is not None:
-        load_strict(model, read_state_dict(init), init, f"the {SHAPES_CLIP_ARCH} CLIP")
+        load_strict(model, read_state_dict(init), init, f"the {arch} CLIP")
     model.train()
     pp = open_clip.get_model_preprocess_cfg(model)
     mean, std = torch.tensor(pp["mean"]), torch.tensor(pp["std"])
     augs = build_augments(augments)
-    tokenizer = open_clip.get_tokenizer(SHAPES_CLIP_ARCH)
+    tokenizer = open_clip.get_tokenizer(arch)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1, betas=(0.9, 0.98))
     sched = warmup_cosine(opt, steps)
 
@@ -125,7 +138,7 @@ def train_clip(out: str | Path, steps: int = 4000, batch_size: int = 128, lr: fl
             bar.set_postfix(loss=f"{loss.item():.3f}")
             log_record(log_file, {"step": step, "loss": loss.item()})
         if (step + 1) % save_every == 0 or step + 1 == steps:
-            save_weights(model.state_dict(), out, {"vqclip.clip_arch": SHAPES_CLIP_ARCH})
+            save_weights(model.state_dict(), out, {"vqclip.clip_arch": arch})
     return out
 
 
