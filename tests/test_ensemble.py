@@ -4,6 +4,7 @@ import logging
 
 import pytest
 import torch
+from PIL import Image
 
 from vqclip.cli import main
 from vqclip.config import load_config, parse_member
@@ -36,9 +37,13 @@ def _by_hand(gen, clip, cfg, z, streams):
     return sum(prompt_loss(embeds, t.embeds, t.weight, t.stop) for t in targets)
 
 
-def test_the_loss_is_each_models_loss_weighted_and_one_model_is_itself(tiny_generator, pair):
+def test_the_loss_is_each_models_loss_weighted_and_one_model_is_itself(tiny_generator, pair,
+                                                                       tmp_path):
+    Image.new("RGB", (40, 40), "red").save(tmp_path / "red.png")
+    prompts = dict(prompt="a red circle|blue:-0.5", image_prompts=[str(tmp_path / "red.png")],
+                   noise_prompts=["3:0.5"])  # every kind, embedded by each model at its width
     for gen in (tiny_generator, pair):
-        cfg = load_config(gen.config, prompt="a red circle|blue:-0.5", candidates=2, **SMALL)
+        cfg = load_config(gen.config, candidates=2, **prompts, **SMALL)
         gen._settle(cfg)
         _, guides, z = gen._prepare(cfg, [1, 2])
         _, loss = gen._loss(cfg, z, z.detach(), guides, SeedStreams([1, 2]))
@@ -64,6 +69,16 @@ def test_two_unlike_models_guide_a_run_and_rank_it_with_their_weights(pair, tmp_
     # the weights are the run's own: no reload to change them
     again = pair.generate("a red circle", steps=1, clip_weight=3.0, **SMALL)
     assert again.ranked_by.endswith("(0.5)")
+
+
+def test_rank_clip_naming_a_guide_ranks_with_that_model_alone(tiny_models, tiny_clip_b):
+    member = f"{tiny_clip_b['arch']}/{tiny_clip_b['pretrained']}"
+    for rank_clip, name in [(f"{tiny_models['clip']}/{tiny_models['clip_pretrained']}",
+                             "vqclip-test-tiny/clip.safetensors"),
+                            (member, "vqclip-test-tiny-b/clip.safetensors")]:
+        gen = Generator.load(**tiny_models, clip_ensemble=[member], rank_clip=rank_clip)
+        assert gen.rank_clip in gen.clips  # not loaded again
+        assert gen.generate("a red circle", steps=1, **SMALL).ranked_by == name
 
 
 def test_a_scorer_of_an_ensemble_ranks_and_classifies_with_the_weighted_mean(tiny_models,
@@ -97,13 +112,27 @@ def test_the_command_line_takes_members_and_refuses_bad_ones(tiny_models, tiny_c
     assert read_png_text(tmp_path / "o.png")["ranked_by"].endswith(
         "(0.667), vqclip-test-tiny-b/clip.safetensors (0.333)")
     capsys.readouterr()
-    for spec, message in [("nope", "give ARCH/TAG[:WEIGHT]"), ("ViT-B-32/openai:0", "must be > 0"),
-                          ("ViT-B-32/openai:-1", "must be > 0"), ("/openai", "give ARCH/TAG")]:
+    for spec, message in [("nope", "give ARCH/TAG[:WEIGHT]"), ("ViT-B-32/openai:0", "a number > 0"),
+                          ("ViT-B-32/openai:-1", "a number > 0"), ("/openai", "give ARCH/TAG")]:
         assert main(["generate", "x", *args, "--clip-ensemble", spec]) == 2
         err = capsys.readouterr().err
         assert err.startswith("vqclip: error: ") and message in err and err.count("\n") == 1, err
     assert main(["rank", str(tmp_path / "o.png"), "--prompt", "x", "--clip-ensemble", "nope"]) == 2
     assert "give ARCH/TAG" in capsys.readouterr().err
+    for spec, message in [("ViT-B-32/openai:abc", "'abc' is not a number"),
+                          ("ViT-B-32/openai:", "is not a number"),
+                          ("ViT-B-32/openai:inf", "a number > 0"),
+                          ("ViT-B-32/openai:1e999", "a number > 0")]:
+        assert main(["generate", "x", "--clip-ensemble", spec]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
+    for yaml, message in [("models:\n  ensemble:\n  - {pretrained: openai}\n", "needs an arch"),
+                          ("models:\n  ensemble:\n  - {arch: ViT-B-16}\n", "needs an arch"),
+                          ("models:\n  ensemble: {arch: ViT-B-16/openai}\n", "a mapping where a list belongs")]:
+        (tmp_path / "bad.yaml").write_text(yaml)
+        assert main(["generate", "x", "--config", str(tmp_path / "bad.yaml")]) == 2, yaml
+        err = capsys.readouterr().err
+        assert err.startswith("vqclip: error: ") and message in err and err.count("\n") == 1, err
 
 
 def test_members_parse_with_names_paths_and_weights():
@@ -112,6 +141,8 @@ def test_members_parse_with_names_paths_and_weights():
     assert parse_member("RN50/c:/w/x.pt:.5") == {"arch": "RN50", "pretrained": "c:/w/x.pt",
                                                  "weight": 0.5}
     assert parse_member("ViT-B-16/laion2b_s34b_b88k:2e0")["weight"] == 2.0
+    assert parse_member("RN50/c:/w/x.pt") == {"arch": "RN50", "pretrained": "c:/w/x.pt",
+                                              "weight": 1.0}
 
 
 def test_a_prompt_longer_than_a_models_context_is_cut_with_one_warning(tiny_clip_b, caplog):

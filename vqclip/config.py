@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -234,6 +233,9 @@ def load_config(config: GenerateConfig | DictConfig | dict | None = None, *,
             cfg = OmegaConf.merge(cfg, layer)
         except OmegaConfBaseException as e:
             raise ValueError(f"{source}: {_one_line(e)}") from None
+        except TypeError:  # OmegaConf's word for a mapping where a list belongs, or the reverse
+            raise ValueError(f"{source}: a setting is a mapping where a list belongs, or a list "
+                             "where a mapping belongs (e.g. models.ensemble is a list)") from None
     check_config(cfg)
     return cfg
 
@@ -276,6 +278,9 @@ def check_config(cfg: DictConfig) -> None:
          f"rank_clip {rank!r} must be ARCH/TAG (e.g. ViT-B-16/laion2b_s34b_b88k) or "
          "ARCH/path/to/weights")
     for m in cfg.models.ensemble:
+        need(not OmegaConf.is_missing(m, "arch") and m.arch and (m.pretrained or "/" in m.arch),
+             "each models.ensemble member needs an arch and its weights: ARCH/TAG from the "
+             "registry, or arch plus pretrained (a tag or a weights file)")
         need(m.weight > 0 and math.isfinite(m.weight),
              f"ensemble member {m.arch}: weight must be > 0, got {m.weight}")
     need(cfg.models.clip_weight > 0 and math.isfinite(cfg.models.clip_weight),
@@ -348,14 +353,18 @@ def parse_member(spec: str) -> dict[str, Any]:
     """
     name, weight = spec, 1.0
     head, colon, tail = spec.rpartition(":")
-    if colon and head and re.fullmatch(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?", tail.strip()):
-        name, weight = head, float(tail)
+    if colon and head and "/" not in tail:  # a weight, unless the colon is a path's ("c:/x")
+        try:
+            name, weight = head, float(tail)
+        except ValueError:
+            raise ValueError(f"--clip-ensemble {spec!r}: the weight {tail!r} is not a "
+                             "number") from None
     arch, slash, pretrained = name.partition("/")
     if not (arch and slash and pretrained):
         raise ValueError(f"--clip-ensemble {spec!r}: give ARCH/TAG[:WEIGHT] (e.g. "
                          "ViT-B-16/openai:0.5) or ARCH/path/to/weights[:WEIGHT]")
-    if not weight > 0:
-        raise ValueError(f"--clip-ensemble {spec!r}: the weight must be > 0")
+    if not (weight > 0 and math.isfinite(weight)):
+        raise ValueError(f"--clip-ensemble {spec!r}: the weight must be a number > 0")
     return {"arch": arch, "pretrained": pretrained, "weight": weight}
 
 

@@ -19,9 +19,10 @@ from typing import Iterable, Sequence
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from .scoring import Classification, ImageLike, Scorer, _as_items, check_labels
+from .scoring import BaseScorer, Classification, ImageLike, Scorer, _as_items, check_labels
 
-__all__ = ["EnsembleScorer", "Guide", "guide_weights", "loaded_models", "member_name", "ranker"]
+__all__ = ["EnsembleScorer", "Guide", "guide_weights", "loaded_models", "member_name",
+           "models_text", "ranker"]
 
 
 @dataclass
@@ -55,17 +56,23 @@ def loaded_models(models: DictConfig) -> dict:
     return out
 
 
-def ranker(gen, cfg: DictConfig) -> Scorer:
-    """What ranks a run's candidates: ``gen.rank_clip``'s Scorer, else the guide's own
-    (``gen.scorer``), else an :class:`EnsembleScorer` of the guides with ``cfg``'s weights.
-    Each model's Scorer is made once per generator."""
+def models_text(models: DictConfig) -> str:
+    """A generation's models in a few words: ``vqgan + clip`` and the ensemble's members."""
+    members = "".join(f" + {member_name(e.arch, e.pretrained)}" for e in models.ensemble)
+    return f"{models.vqgan} + {models.clip}{members}"
+
+
+def ranker(gen, cfg: DictConfig) -> BaseScorer:
+    """What ranks a run's candidates: ``gen.rank_clip``'s Scorer (which may be one of the guides),
+    else the guide's own (``gen.scorer``), else an :class:`EnsembleScorer` of the guides with
+    ``cfg``'s weights. Each model's Scorer is made once per generator."""
     made = gen._scorers
+    if gen.rank_clip is gen.clip or (gen.rank_clip is None and len(gen.clips) == 1):
+        return gen.scorer
     if gen.rank_clip is not None:
         if "rank" not in made:
             made["rank"] = Scorer(gen.rank_clip, cache=False)
         return made["rank"]
-    if len(gen.clips) == 1:
-        return gen.scorer
     for k, clip in enumerate(gen.clips[1:], 1):
         if k not in made:
             made[k] = Scorer(clip)
@@ -73,11 +80,11 @@ def ranker(gen, cfg: DictConfig) -> Scorer:
                           guide_weights(cfg.models))
 
 
-class EnsembleScorer(Scorer):
+class EnsembleScorer(BaseScorer):
     """Several :class:`Scorer` as one: a score is the weighted mean of theirs, and a
-    classification's probabilities the weighted mean of each model's. ``rank``, ``search`` and
-    ``describe`` work as a Scorer's; what belongs to one model (its encoders, embeddings and
-    cache) is each of ``scorers``'.
+    classification's probabilities the weighted mean of each model's, over the images that every
+    model could read. ``rank``, ``search`` and ``describe`` work as a Scorer's; what belongs to
+    one model (its encoders, embeddings and cache) is each of ``scorers``'.
 
     Args:
         scorers: one per model.
@@ -98,23 +105,23 @@ class EnsembleScorer(Scorer):
     def score(self, images: Iterable[ImageLike] | torch.Tensor, prompt: str,
               progress: bool = False) -> tuple[torch.Tensor, list[int]]:
         items = _as_items(images)
-        scores, kept = self.scorers[0].score(items, prompt, progress)
-        total = self.weights[0] * scores
-        for scorer, weight in zip(self.scorers[1:], self.weights[1:], strict=True):
-            scores, kept_here = scorer.score(items, prompt, progress)
-            scores = dict(zip(kept_here, scores.tolist(), strict=True))
-            total = total + weight * torch.tensor([scores[i] for i in kept])  # same files read
-        return total, kept
+        runs = []  # each model's scores by input index
+        for scorer in self.scorers:
+            scores, kept = scorer.score(items, prompt, progress)
+            runs.append(dict(zip(kept, scores.tolist(), strict=True)))
+        kept = sorted(set.intersection(*(set(run) for run in runs)))
+        return torch.tensor([sum(w * run[i] for w, run in zip(self.weights, runs, strict=True))
+                             for i in kept]), kept
 
     def classify(self, images: Iterable[ImageLike] | torch.Tensor, labels: Sequence[str],
                  templates: Sequence[str] | None = None, progress: bool = False
                  ) -> list[Classification]:
         labels, items = check_labels(labels), _as_items(images)
-        runs = [s.classify(items, labels, templates, progress) for s in self.scorers]
+        runs = [{c.index: c for c in s.classify(items, labels, templates, progress)}
+                for s in self.scorers]
         out = []
-        for first, *others in zip(*runs, strict=True):
-            probs = {label: sum(w * run.probs[label] for w, run in
-                                zip(self.weights, [first, *others], strict=True))
-                     for label in labels}
-            out.append(Classification(first.index, max(probs, key=probs.get), probs, first.path))
+        for i in sorted(set.intersection(*(set(run) for run in runs))):
+            probs = {label: sum(w * run[i].probs[label] for w, run in
+                                zip(self.weights, runs, strict=True)) for label in labels}
+            out.append(Classification(i, max(probs, key=probs.get), probs, runs[0][i].path))
         return out

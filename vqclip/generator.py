@@ -45,7 +45,7 @@ from .images import to_pil
 from .losses import init_loss, prompt_loss, tv_loss
 from .models.low_precision import LowPrecisionCopies
 from .outputs import GenerationResult, check_outputs, state_path, video_frame
-from .ensemble import Guide, guide_weights, loaded_models, member_name, ranker
+from .ensemble import Guide, guide_weights, loaded_models, member_name, models_text, ranker
 from .prompts import build_targets, init_latents
 from .resume import LoopState, load_resumed
 from .video import VideoWriter, choose_fps
@@ -127,12 +127,13 @@ class Generator:
         vqgan = load_vqgan(m.vqgan, m.vqgan_config, device=device, download=download)
         clip = load_clip(m.clip, m.clip_pretrained, device=device, download=download,
                          config=m.clip_config)
-        rank_clip = None
-        if m.rank_clip and m.rank_clip != f"{m.clip}/{m.clip_pretrained}":
-            arch, tag = m.rank_clip.split("/", 1)
-            rank_clip = load_clip(arch, tag, device=device, download=download)
         ensemble = [load_clip(e.arch, e.pretrained, device=device, download=download,
                               config=e.config) for e in m.ensemble]
+        rank_clip = None
+        if m.rank_clip:  # one of the guides, or another model
+            guides = {member_name(e.arch, e.pretrained): c for e, c in zip(m.ensemble, ensemble)}
+            rank_clip = {f"{m.clip}/{m.clip_pretrained}": clip, **guides}.get(m.rank_clip) or \
+                load_clip(*m.rank_clip.split("/", 1), device=device, download=download)
         cfg.device = str(device)
         return cls(vqgan, clip, cfg, rank_clip, ensemble)
 
@@ -189,9 +190,8 @@ class Generator:
         cfg = load_config(config if config is not None else self.config, overrides=overrides,
                           **kwargs)
         if loaded_models(cfg.models) != loaded_models(self.config.models):
-            raise ValueError(f"this Generator holds {self.config.models.vqgan} + "
-                             f"{self.config.models.clip}; load another for {cfg.models.vqgan} + "
-                             f"{cfg.models.clip}")
+            raise ValueError(f"this Generator holds {models_text(self.config.models)}; load "
+                             f"another for {models_text(cfg.models)}")
         cfg.device = str(self.device)
         return cfg
 
@@ -215,8 +215,8 @@ class Generator:
         scores = None
         if cfg.prompts.text.strip() and not interrupted:  # image/noise prompts: no text to rank by
             try:
-                ranker = self.ranker(cfg)
-                scores = ranker.score(final, cfg.prompts.text)[0].tolist()  # tensors: none skipped
+                rank_by = self.ranker(cfg)
+                scores = rank_by.score(final, cfg.prompts.text)[0].tolist()  # tensors: none skipped
             except KeyboardInterrupt:  # the images are made: keep them, unranked
                 interrupted = True
             except RuntimeError as e:  # out of memory in a large rank CLIP, say
@@ -228,7 +228,7 @@ class Generator:
             losses=torch.stack(losses).cpu() if losses else torch.empty(0, K), seeds=seeds, config=cfg,
             timings={"setup": t1 - t0, "steps": t2 - t1, "per_step": (t2 - t1) / max(1, len(losses) - start),
                      "rank": t3 - t2, "total": t3 - t0}, steps_done=len(losses), interrupted=interrupted,
-            scores=scores, ranked_by=ranker.name if scores is not None else None)
+            scores=scores, ranked_by=rank_by.name if scores is not None else None)
         if video is not None and video.count:
             result.files.append(video.path)
         if cfg.output.path:

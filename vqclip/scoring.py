@@ -45,7 +45,7 @@ from .embedding_cache import EmbeddingCache
 from .images import to_pil, to_rgb
 from .prompts import parse_text_prompts
 
-__all__ = ["Classification", "EmbeddingCache", "IMAGE_SUFFIXES", "Match", "Scorer", "check_labels",
+__all__ = ["BaseScorer", "Classification", "EmbeddingCache", "IMAGE_SUFFIXES", "Match", "Scorer", "check_labels",
            "check_prompt", "check_templates", "image_files"]
 
 log = logging.getLogger(__name__)
@@ -73,7 +73,50 @@ class Classification:
     path: str | None = None
 
 
-class Scorer:
+class BaseScorer:
+    """What every scorer does with its :meth:`score` and :meth:`classify`: rank, search and
+    describe. :class:`Scorer` scores with one CLIP, :class:`vqclip.ensemble.EnsembleScorer`
+    with several."""
+
+    name: str
+
+    def score(self, images: Iterable[ImageLike] | torch.Tensor, prompt: str,
+              progress: bool = False) -> tuple[torch.Tensor, list[int]]:
+        raise NotImplementedError
+
+    def classify(self, images: Iterable[ImageLike] | torch.Tensor, labels: Sequence[str],
+                 templates: Sequence[str] | None = None, progress: bool = False
+                 ) -> list[Classification]:
+        raise NotImplementedError
+
+    def rank(self, images: Iterable[ImageLike] | torch.Tensor, prompt: str,
+             progress: bool = False) -> list[Match]:
+        """Score images against a prompt (weighted syntax allowed), best first."""
+        items = _as_items(images)
+        scores, kept = self.score(items, prompt, progress)
+        order = scores.argsort(descending=True, stable=True).tolist()
+        return [Match(kept[j], scores[j].item(), _path(items[kept[j]])) for j in order]
+
+    def search(self, folder: str | Path, query: str, top_k: int | None = 10,
+               progress: bool = False) -> list[Match]:
+        """The ``top_k`` images under ``folder`` that best match ``query`` (see :func:`image_files`
+        for which files count)."""
+        if top_k is not None and top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {top_k}")
+        files = image_files(folder)
+        return self.rank(files, query, progress)[:top_k]
+
+    def describe(self, image: ImageLike, texts: Sequence[str], top_k: int | None = 5
+                 ) -> list[tuple[str, float]]:
+        """Image to text: the candidate ``texts`` that best describe ``image``, with their
+        probabilities, best first."""
+        result = self.classify([image], texts)
+        if not result:
+            raise ValueError(f"cannot read image {image}")
+        return sorted(result[0].probs.items(), key=lambda kv: -kv[1])[:top_k]
+
+
+class Scorer(BaseScorer):
     """Zero-shot scoring on a loaded CLIP.
 
     Args:
@@ -234,23 +277,6 @@ class Scorer:
         embeds, kept = self.encode_images(images, progress)
         return (embeds @ texts.T) @ weights, kept
 
-    def rank(self, images: Iterable[ImageLike] | torch.Tensor, prompt: str,
-             progress: bool = False) -> list[Match]:
-        """Score images against a prompt (weighted syntax allowed), best first."""
-        items = _as_items(images)
-        scores, kept = self.score(items, prompt, progress)
-        order = scores.argsort(descending=True, stable=True).tolist()
-        return [Match(kept[j], scores[j].item(), _path(items[kept[j]])) for j in order]
-
-    def search(self, folder: str | Path, query: str, top_k: int | None = 10,
-               progress: bool = False) -> list[Match]:
-        """The ``top_k`` images under ``folder`` that best match ``query`` (see :func:`image_files`
-        for which files count)."""
-        if top_k is not None and top_k < 1:
-            raise ValueError(f"top_k must be >= 1, got {top_k}")
-        files = image_files(folder)
-        return self.rank(files, query, progress)[:top_k]
-
     @torch.no_grad()
     def label_embeddings(self, labels: Sequence[str], templates: Sequence[str] | None = None
                          ) -> torch.Tensor:
@@ -281,15 +307,6 @@ class Scorer:
         probs = self.probabilities(embeds, label_embeds)
         return [Classification(i, labels[int(p.argmax())], dict(zip(labels, p.tolist(), strict=True)),
                                _path(items[i])) for i, p in zip(kept, probs, strict=True)]
-
-    def describe(self, image: ImageLike, texts: Sequence[str], top_k: int | None = 5
-                 ) -> list[tuple[str, float]]:
-        """Image to text: the candidate ``texts`` that best describe ``image``, with their
-        probabilities, best first."""
-        result = self.classify([image], texts)
-        if not result:
-            raise ValueError(f"cannot read image {image}")
-        return sorted(result[0].probs.items(), key=lambda kv: -kv[1])[:top_k]
 
 
 # ------------------------------------------------------------------------------------ helpers

@@ -90,7 +90,7 @@ def add_loop_flags(p) -> None:
     add_clip_flags(g)
     g.add_argument("--rank-clip", dest="rank_clip", metavar="ARCH/TAG",
                    help="rank the candidates with this CLIP (registry name, or ARCH/path to "
-                        "weights) rather than the guiding one")
+                        "weights) rather than the guiding ones")
 
 
 def _is_override(arg: str) -> bool:
@@ -169,8 +169,9 @@ def _resumed_config(args: argparse.Namespace, kind: str, files, words, flags):
     models = load_config(preset=args.preset).models if args.preset else None
 
     def change(saved):
-        if models is not None:  # a preset given again must name the run's models
-            saved.models = models
+        if models is not None:  # a preset given again must name the run's pair of models
+            for key in ("vqgan", "vqgan_config", "clip", "clip_pretrained", "clip_config"):
+                saved.models[key] = models[key]
         return load_config(saved, files=files, overrides=words, **flags)
 
     return load_resumed(args.resume, kind, change, tensors=False)[1]
