@@ -64,7 +64,8 @@ def _run(job: tuple[str, str, int, str | None, str | None]) -> dict:
     start = time.perf_counter()
     result = _gen.generate(prompt, seed=seed, overrides=overrides)
     seconds = time.perf_counter() - start
-    image = result.tensor[0]
+    best = result.order[0]  # with candidates=K, the one the run ranked first
+    image = result.tensor[best]
     side = _gen.clip.input_size  # CLIP's verdict on the whole image, at CLIP's input size
     with torch.no_grad():
         seen = image[None] if image.shape[-1] == side else F.interpolate(
@@ -72,13 +73,13 @@ def _run(job: tuple[str, str, int, str | None, str | None]) -> dict:
         e = F.normalize(_gen.clip.encode_image(seen), dim=-1)
     verdict = judge(image)
     if save:
-        result.images[0].save(Path(save) / f"{colour}-{shape}-{seed}.png")
+        result.images[best].save(Path(save) / f"{colour}-{shape}-{seed}.png")
     return {"prompt": prompt, "shape": shape, "seed": seed, "ok": verdict.matches(colour, shape),
             "clip_ok": TEXTS[int((e @ _label_embeds.T).argmax())] == prompt, "seconds": seconds,
-            "score": result.scores[0],  # the final CLIP score, as the run ranks it
+            "score": result.scores[best],  # the final CLIP score, as the run ranks it
             "verdict": f"{verdict.colour or '-'} {verdict.shape or '-'}",
             # CLIP's score of the whole image, the same measure at the start and the end
-            "score_rose": start_score is not None and result.scores[0] > start_score}
+            "score_rose": start_score is not None and result.scores[best] > start_score}
 
 
 def main():
