@@ -354,9 +354,8 @@ class Generator:
             cutouts = MakeCutouts(clip.input_size, cfg.cutouts.cutn, cfg.cutouts.cut_pow,
                                   cfg.cutouts.augments, cfg.cutouts.overview)
             guides.append(Guide(clip, cutouts, build_targets(clip, cfg, cutouts), weight))
-        if z is None:
-            z = init_latents(self.vqgan, cfg, streams, self.device)  # (K, D, h, w)
-        return streams, guides, z.clone().requires_grad_()
+        z = init_latents(self.vqgan, cfg, streams, self.device) if z is None else z.clone()
+        return streams, guides, z.requires_grad_()  # (K, D, h, w)
 
     @torch.no_grad()
     def denoise(self, cfg: DictConfig, z: torch.Tensor) -> None:
