@@ -46,12 +46,13 @@ def register(sub) -> None:
     p.set_defaults(func=cmd_generate)
 
 
-def add_loop_flags(p) -> None:
-    """The prompt, settings, run, optimization, prompt and model flags of the loop's commands."""
+def add_loop_flags(p, words=("PROMPT [key=value ...]", "the text prompt, then config overrides")
+                   ) -> None:
+    """The prompt, settings, run, optimization, prompt and model flags of the loop's commands;
+    ``words``: the metavar and help of the words after the options."""
     from ..config import AUGMENTS, INITS, OPTIMIZERS
 
-    p.add_argument("rest", nargs="*", metavar="PROMPT [key=value ...]",
-                   help="the text prompt, then config overrides")
+    p.add_argument("rest", nargs="*", metavar=words[0], help=words[1])
     p.add_argument("--preset", help="settings + model pair from configs/ (default: imagenet)")
     p.add_argument("--config", metavar="YAML", help="a YAML file of settings")
     g = p.add_argument_group("run")
