@@ -256,11 +256,11 @@ def cli_process(*args: str, interruptible: bool = False, **kwargs) -> subprocess
     """``python -m vqclip ARGS`` in a new process, its output captured as text. ``interruptible``:
     in a session of its own, for ``os.killpg(proc.pid, SIGINT)`` as a terminal's Ctrl-C, with
     SIGINT's default handler (a background job, CI under nohup, inherits SIGINT ignored, and
-    Python then installs no KeyboardInterrupt handler)."""
+    Python then installs no KeyboardInterrupt handler). ``env``: variables set over this one's."""
     if interruptible:
         kwargs.update(start_new_session=True,
                       preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **kwargs.pop("env", {})}
     return subprocess.Popen([sys.executable, "-m", "vqclip", *args], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env, **kwargs)
 

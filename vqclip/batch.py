@@ -28,14 +28,14 @@ import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Iterable
 
 from omegaconf import DictConfig, OmegaConf
 
 from .images import atomic_path
 
-__all__ = ["Job", "BatchReport", "finished", "job_id", "plan", "read_jobs", "rebuild_manifest",
-           "run_job", "run_jobs", "shard"]
+__all__ = ["Job", "BatchReport", "begin", "finished", "job_id", "plan", "read_jobs",
+           "rebuild_manifest", "record_outcome", "run_job", "run_jobs", "shard"]
 
 # what a job may not set: one model load and one device serve the batch, and the batch names
 # the outputs
@@ -226,8 +226,31 @@ class BatchReport:
     failed: list[dict]
 
 
-def run_jobs(gen, jobs: list[Job], out: str | Path, progress: bool = False,
-             on_done: Callable[[dict], None] | None = None) -> BatchReport:
+def begin(out: str | Path, jobs: list[Job]) -> tuple[list[Job], BatchReport]:
+    """What a run of ``jobs`` has to do: the manifest brought up to date, the last run's
+    failures cleared (this run retries them), and the jobs not finished."""
+    rebuild_manifest(out)
+    (Path(out) / "failed.jsonl").unlink(missing_ok=True)
+    todo = [j for j in jobs if not finished(out, j.id)]
+    return todo, BatchReport(0, len(jobs) - len(todo), [])
+
+
+def record_outcome(out: str | Path, report: BatchReport, job: Job, record: dict | None = None,
+                   error: str | None = None, attempts: int = 1) -> None:
+    """A job's line in ``manifest.jsonl`` (``record``; None: another run had finished it) or in
+    ``failed.jsonl`` (``error``)."""
+    out = Path(out)
+    if error is not None:
+        report.failed.append({"id": job.id, "line": job.line, "prompt": job.prompt,
+                              "error": error, "attempts": attempts})
+        _write_jsonl(out / "failed.jsonl", report.failed)
+    elif record is not None:
+        with open(out / "manifest.jsonl", "a") as f:  # one short append: never a torn line
+            f.write(json.dumps(record) + "\n")
+        report.done += 1
+
+
+def run_jobs(gen, jobs: list[Job], out: str | Path, progress: bool = False) -> BatchReport:
     """Run the unfinished ``jobs`` in this process, one after another, with one loaded
     Generator. A job that fails (NaN loss, out of memory, a bad init image) goes to
     ``failed.jsonl`` and the others go on; Ctrl-C stops after what is written."""
@@ -235,24 +258,10 @@ def run_jobs(gen, jobs: list[Job], out: str | Path, progress: bool = False,
 
     from .generator import GenerationError
 
-    out = Path(out)
-    rebuild_manifest(out)
-    (out / "failed.jsonl").unlink(missing_ok=True)  # a rerun retries them
-    todo = [j for j in jobs if not finished(out, j.id)]
-    report = BatchReport(0, len(jobs) - len(todo), [])
+    todo, report = begin(out, jobs)
     for job in tqdm(todo, desc="jobs", unit="job", disable=not progress):
         try:
-            record = run_job(gen, job, out)
+            record_outcome(out, report, job, run_job(gen, job, out))
         except (GenerationError, ValueError, OSError) as e:
-            report.failed.append({"id": job.id, "line": job.line, "prompt": job.prompt,
-                                  "error": str(e), "attempts": 1})
-            _write_jsonl(out / "failed.jsonl", report.failed)
-            continue
-        if record is not None:
-            with open(out / "manifest.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
-            report.done += 1
-            if on_done:
-                on_done(record)
+            record_outcome(out, report, job, error=str(e))
     return report
-

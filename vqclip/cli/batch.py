@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
 import sys
 
@@ -31,6 +32,15 @@ def register(sub) -> None:
     g.add_argument("--repeat", type=int, default=1, metavar="N", help="N seeds of each job")
     g.add_argument("--shard", metavar="I/N", help="run share I of N (0 <= I < N), chosen by job "
                                                   "id: for Slurm arrays and other launchers")
+    g = p.add_argument_group("on Ray (pip install \"vqclip[ray]\")")
+    g.add_argument("--ray", metavar="local|auto|ADDRESS",
+                   help="run the jobs on Ray actors: local starts a cluster on this machine "
+                        "(loopback only); auto joins the one RAY_ADDRESS names (as under ray job "
+                        "submit); ADDRESS joins that one")
+    g.add_argument("--workers", type=int, metavar="N",
+                   help="actors (default: one per GPU of the cluster, else one)")
+    g.add_argument("--max-retries", dest="max_retries", type=int, default=3, metavar="N",
+                   help="times a job is run again when its actor dies (default 3)")
     add_verbosity(p, argparse.SUPPRESS)
     p.set_defaults(func=cmd_batch, kept=lambda args: "; the finished jobs are kept, a rerun "
                    "runs the rest")
@@ -51,7 +61,17 @@ def batch_jobs(args: argparse.Namespace):
     common = load_config(preset=args.preset, files=[args.config] if args.config else (),
                          overrides=words, **flags)
     check_precision(common.precision, resolve_device(common.device))
-    jobs = plan(read_jobs(args.jobs), common, args.out, repeat=args.repeat)
+    if args.ray is None and args.workers is not None:
+        raise ValueError("--workers needs --ray; without it the jobs run one after another here")
+    if args.workers is not None and args.workers < 1 or args.max_retries < 0 or args.repeat < 1:
+        raise ValueError("--workers and --repeat must be >= 1, --max-retries >= 0")
+    if args.ray is not None and importlib.util.find_spec("ray") is None:
+        raise ValueError('--ray needs Ray: pip install "vqclip[ray]"')
+    items = read_jobs(args.jobs)
+    try:
+        jobs = plan(items, common, args.out, repeat=args.repeat)
+    except ValueError as e:
+        raise ValueError(f"{args.jobs}, {e}") from None
     return common, (shard(jobs, args.shard) if args.shard else jobs)
 
 
@@ -63,8 +83,13 @@ def cmd_batch(args: argparse.Namespace) -> int:
         rebuild_manifest(args.out)
         log.info("all %d jobs were finished already; manifest: %s/manifest.jsonl", len(jobs), args.out)
         return 0
-    gen = load_generator(common)
-    report = run_jobs(gen, jobs, args.out, progress=not args.quiet)
+    if args.ray is not None:
+        from ..batch_ray import run_on_ray
+
+        report = run_on_ray(common, jobs, args.out, args.ray, args.workers, args.max_retries,
+                            progress=not args.quiet)
+    else:
+        report = run_jobs(load_generator(common), jobs, args.out, progress=not args.quiet)
     log.info("%d jobs done, %d finished before, %d failed; manifest: %s/manifest.jsonl",
              report.done, report.skipped, len(report.failed), args.out)
     for f in report.failed:
