@@ -263,3 +263,28 @@ def test_a_refused_video_path_leaves_no_run_folder(tmp_path, monkeypatch, capsys
     assert main(["generate", "x", "--video", "v.mp4"]) == 2
     assert "v.mp4 exists" in capsys.readouterr().err
     assert list((tmp_path / "outputs").iterdir()) == []
+
+
+def test_best_only_saves_the_best_ranked_candidate_alone(tiny_models, tmp_path):
+    import json
+
+    run = ["-q", "generate", *flags(tiny_models), *TINY_RUN, "--steps", "2", "--candidates", "3",
+           "--seed", "4"]
+    assert main([*run, "x", "--output", str(tmp_path / "all.png")]) == 0
+    ranking = json.loads((tmp_path / "all-ranking.json").read_text())
+    assert main([*run, "x", "--best-only", "--output", str(tmp_path / "best.png")]) == 0
+    assert sorted(p.name for p in tmp_path.glob("best*")) == [
+        "best.png", "best.state.safetensors", "best.yaml"]
+    assert torch.equal(to_tensor(Image.open(tmp_path / "best.png")),
+                       to_tensor(Image.open(ranking["best"])))
+    text = read_png_text(tmp_path / "best.png")
+    assert text["rank"] == "1" and text["candidate"] == str(ranking["candidates"][0]["candidate"])
+    assert ranking["candidates"][0]["candidate"] != 0  # so that the check above can fail
+    # with no text prompt nothing ranks: the lowest last loss is the best
+    assert main([*run, "--noise-prompt", "2:1", "--output", str(tmp_path / "n.png")]) == 0
+    losses = read_state(tmp_path / "n.state.safetensors", "generation")[1]["losses"][-1]
+    assert int(losses.argmin()) != 0  # so that keeping candidate 0 would fail
+    assert main([*run, "--noise-prompt", "2:1", "--best-only", "--output", str(tmp_path / "b.png")]) == 0
+    assert sorted(p.name for p in tmp_path.glob("b*.png")) == ["b.png", "best.png"]
+    assert torch.equal(to_tensor(Image.open(tmp_path / "b.png")),
+                       to_tensor(Image.open(tmp_path / f"n-{int(losses.argmin())}.png")))

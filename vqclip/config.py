@@ -99,6 +99,7 @@ class OutputConfig:
     save_every: int = 10  # steps between video frames
     overwrite: bool = False
     save_state: bool = True  # <path stem>.state.safetensors, to go on from (--resume)
+    best_only: bool = False  # K > 1: save only the best candidate (GenerationResult.best), as path
 
 
 @dataclass
@@ -161,7 +162,7 @@ FLAT_KEYS = {
     "rank_clip": "models.rank_clip", "clip_ensemble": "models.ensemble",
     "clip_weight": "models.clip_weight",
     "output": "output.path", "video": "output.video", "save_every": "output.save_every",
-    "overwrite": "output.overwrite", "save_state": "output.save_state",
+    "overwrite": "output.overwrite", "save_state": "output.save_state", "best_only": "output.best_only",
     **{k: f"animation.{k}" for k in ("frames", "steps_per_frame", "first_steps", "zoom", "angle",
                                       "translate_x", "translate_y", "border", "prompt_at", "fps")},
     **{k: k for k in ("seed", "size", "candidates", "device", "precision", "checkpoint", "compile", "tv_weight",

@@ -68,6 +68,14 @@ class GenerationResult:
             return list(range(len(self.images)))
         return sorted(range(len(self.scores)), key=lambda k: -self.scores[k])
 
+    @property
+    def best(self) -> int:
+        """The best candidate: ranked first, or where nothing ranked (no text prompt, Ctrl-C)
+        the one with the lowest last loss."""
+        if self.scores is not None or not len(self.losses):
+            return self.order[0]
+        return int(self.losses[-1].argmin())
+
     def info(self, k: int = 0) -> dict[str, Any]:
         """Candidate k's record: prompt, seed, models and the full resolved config."""
         c = self.config
@@ -82,11 +90,15 @@ class GenerationResult:
         """Write each candidate as a PNG with its record in text chunks, plus a ``.yaml`` sidecar.
 
         Candidate k of K > 1 goes to ``<stem>-<k>.png``, and the ranking of the candidates to
-        ``<stem>-ranking.json`` (best first). Every file is written atomically.
+        ``<stem>-ranking.json`` (best first); with ``output.best_only``, :attr:`best` alone goes
+        to ``path``. Every file is written atomically.
         """
         written = []
+        kept = range(len(self.images))
         paths = candidate_paths(path, len(self.images))
-        for k, path_k in enumerate(paths):
+        if self.config.output.best_only and len(self.images) > 1:
+            kept, paths = [self.best], [Path(path)]
+        for k, path_k in zip(kept, paths, strict=True):
             path_k.parent.mkdir(parents=True, exist_ok=True)
             info = self.info(k)
             text = {key: OmegaConf.to_yaml(value) if isinstance(value, dict) else str(value)
@@ -139,7 +151,8 @@ def check_outputs(cfg: DictConfig) -> list[Path]:
     Raises:
         FileExistsError, IsADirectoryError, PermissionError (all OSError): see messages.
     """
-    paths = candidate_paths(cfg.output.path, cfg.candidates) if cfg.output.path else []
+    saved = 1 if cfg.output.best_only else cfg.candidates
+    paths = candidate_paths(cfg.output.path, saved) if cfg.output.path else []
     planned = [*paths, *(p.with_suffix(".yaml") for p in paths)]
     if len(paths) > 1:
         planned.append(ranking_path(cfg.output.path))

@@ -45,7 +45,7 @@ FORMAT = "vqclip-state/1"
 ANIMATION_STATE = "animation.state.safetensors"
 # what a resumed run may change: its length, where it runs, and where its outputs go
 FREE = {"generation": {"optim.steps", "device", "output.path", "output.video",
-                       "output.overwrite", "output.save_state"},
+                       "output.overwrite", "output.save_state", "output.best_only"},
         "animation": {"animation.frames", "device", "output.video", "output.overwrite",
                       "animation.fps"}}
 # what a state file of each kind holds: header keys, then tensors

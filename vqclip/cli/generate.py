@@ -37,6 +37,11 @@ def register(sub) -> None:
     g.add_argument("--save-every", dest="save_every", type=int, metavar="N",
                    help="steps between video frames")
     g.add_argument("--overwrite", action="store_const", const=True, help="replace existing files")
+    g.add_argument("--best-only", dest="best_only", action="store_const", const=True,
+                   help="with several candidates, save only the best-ranked, as --output")
+    g.add_argument("--all-candidates", dest="best_only", action="store_const", const=False,
+                   help="save every candidate (FILE-k.png) and their ranking, where the preset "
+                        "saves the best only")
     g.add_argument("--no-state", dest="save_state", action="store_const", const=False,
                    help="write no RUN.state.safetensors (what --resume goes on from)")
     g.add_argument("--resume", metavar="RUN.png",
