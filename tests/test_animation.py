@@ -199,3 +199,21 @@ def test_overwrite_replaces_an_earlier_animation_and_nothing_else(tiny_generator
         "animation.mp4", "animation.state.safetensors", "frame-00000.png", "frame-00001.png",
         "frame-final.png", "frames.jsonl"]
     assert read_png_text(folder / "frame-00001.png")["prompt"] == "a blue square"
+
+
+def test_a_presets_candidates_are_for_generations_not_animations(tiny_models, tiny_generator, tmp_path):
+    """The shapes preset makes 4 candidates; an animation, which has one, takes no more from a
+    preset or config file, only from a --candidates given on purpose (refused above)."""
+    from vqclip.config import load_config
+
+    cfg = load_config(**tiny_models, size=[32, 32], cutn=4, candidates=2)
+    result = tiny_generator.animate("x", config=cfg, frames=2, steps_per_frame=1,
+                                    output=tmp_path / "api")
+    assert len(result.records) == 2
+    settings = tmp_path / "four.yaml"
+    settings.write_text("candidates: 4\n")
+    argv = ["-q", "animate", "x", "--config", str(settings), "--frames", "2",
+            "--steps-per-frame", "1", "--size", "32", "32", "--cutn", "4", "--output", str(tmp_path / "cli")]
+    for key, value in tiny_models.items():
+        argv += [f"--{key.replace('_', '-')}", value]
+    assert main(argv) == 0 and (tmp_path / "cli" / "frame-00001.png").is_file()

@@ -177,6 +177,7 @@ def animate(gen, prompt: str | None = None, *, config: DictConfig | dict | None 
         finished are kept, and ``.result`` lists them.
     """
     folder = kwargs.pop("output", None)  # the folder, not generate's PNG
+    kwargs.setdefault("candidates", 1)  # a preset's candidates are for generations
     if folder is not None:
         overrides = [*overrides, f"animation.output={folder}"]
     done = None

@@ -65,6 +65,8 @@ def animate_config(args: argparse.Namespace):
         if not frame.isdigit():
             raise ValueError(f"--prompt-at {frame!r}: FRAME must be a whole number >= 0")
     args.prompt_at = [f"{frame}:{text}" for frame, text in pairs] or None
+    if args.candidates is None:  # a preset's candidates are for generations
+        args.candidates = 1
     if args.resume:
         if args.folder and Path(args.folder).resolve() != Path(args.resume).resolve():
             raise ValueError("--resume DIR goes on in DIR; drop --output")
