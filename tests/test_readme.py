@@ -263,8 +263,11 @@ def test_the_preset_table_matches_the_presets():
     rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in table.splitlines()[2:]]
     for column, preset in enumerate(("imagenet", "shapes"), start=1):
         cfg = load_config(preset=preset)
-        actual = {"models": f"`{cfg.models.vqgan}` + `{cfg.models.clip}/{cfg.models.clip_pretrained}`",
+        models = [cfg.models.vqgan, f"{cfg.models.clip}/{cfg.models.clip_pretrained}",
+                  *(f"{m.arch}/{m.pretrained}" for m in cfg.models.ensemble)]
+        actual = {"models": " + ".join(f"`{m}`" for m in models),
                   "size": " ".join(map(str, cfg.size)), "steps": cfg.optim.steps, "lr": cfg.optim.lr,
+                  "candidates": cfg.candidates, "best_only": cfg.output.best_only,
                   "cutn": cfg.cutouts.cutn, "cut_pow": cfg.cutouts.cut_pow,
                   "overview": cfg.cutouts.overview, "augments": ", ".join(cfg.cutouts.augments),
                   "init": cfg.prompts.init, "denoise_every": cfg.denoise_every,

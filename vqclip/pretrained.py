@@ -145,6 +145,20 @@ CLIP_MODELS: dict[str, dict] = {
                 "245d0ca1545cd18dcaacb2a32332b101216feb5a8aed7077166173bdcd390dcf", 8316666),
         },
     },
+    "vqclip-shapes-rn/v1": {
+        "arch": "vqclip-shapes-rn", "pretrained": "v1", "quick_gelu": False, "bundled": True,
+        "description": "tiny CLIP of the shapes world with a convolutional image tower, 64 px "
+                       "(vqclip's own, bundled): the offline preset's second guide",
+        "license": _BUNDLED_LICENSE,
+        "files": {
+            "config": RemoteFile(
+                "", "vqclip-shapes-rn.json",
+                "093528488dec0fc1d433aa83f00cd6bb3a3238bd33d1fb8df8e51db2bde813bd", 284),
+            "weights": RemoteFile(
+                "", "open_clip_model.safetensors",
+                "7873dbae0bdde12597aa2be77ae90feeb50a29f703aae934fe0974fd3fdb58fa", 12586642),
+        },
+    },
 }
 
 
