@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from vqclip.cli import main
@@ -69,6 +70,7 @@ def is_loopback(hex_address: str) -> bool:
 def test_ray_local_makes_what_in_process_makes_and_listens_on_loopback_only(tiny_models, tmp_path):
     jobs = tmp_path / "jobs.yaml"
     jobs.write_text("- a red circle\n- {prompt: a blue square, seed: 4}\n- {prompt: x, candidates: 2}\n")
+    torch.set_num_threads(1)  # as each of the 2 actors on 2 cores: another count rounds otherwise
     assert main(["-q", "batch", str(jobs), "--out", str(tmp_path / "here"), *flags(tiny_models),
                  *TINY_RUN, "--steps", "2"]) == 0
     before = listeners()

@@ -16,7 +16,7 @@ BUNDLED = {name: entry for name, entry in {**pretrained.VQGAN_MODELS, **pretrain
 
 
 def test_bundled_weights_match_the_registry_checksums():
-    assert set(BUNDLED) == {"shapes_f4_512", "vqclip-shapes/v2"}
+    assert set(BUNDLED) == {"shapes_f4_512", "vqclip-shapes/v2", "vqclip-shapes-rn/v1"}
     total = 0
     for name, entry in BUNDLED.items():
         for remote in entry["files"].values():
@@ -24,7 +24,7 @@ def test_bundled_weights_match_the_registry_checksums():
             assert path.stat().st_size == remote.size, path
             assert pretrained.sha256sum(path) == remote.sha256, path
             total += remote.size
-    assert total <= 20_000_000  # the issue's budget for shipped weights
+    assert total <= 30_000_000  # issue 20 raised the budget for shipped weights from 20 MB to 30 MB
 
 
 def test_bundled_models_are_never_downloaded(tmp_path, monkeypatch):

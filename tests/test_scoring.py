@@ -31,7 +31,9 @@ def renders(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def shapes_scorer(tmp_path_factory):
-    return Scorer.load(preset="shapes", download=False, cache_dir=tmp_path_factory.mktemp("cache"))
+    # the preset's main CLIP alone: these tests are about one model's Scorer
+    return Scorer.load(preset="shapes", clip_ensemble=[], download=False,
+                       cache_dir=tmp_path_factory.mktemp("cache"))
 
 
 class CountingEncoder:
@@ -128,13 +130,15 @@ def test_search_finds_the_file_and_hits_the_cache_the_second_time(renders, tmp_p
     for i, p in enumerate(paths[:8]):
         (folder / ("nested" if i % 2 else "") / p.name).write_bytes(p.read_bytes())
     cache = tmp_path / "cache"
-    first = Scorer.load(preset="shapes", download=False, cache_dir=cache, batch_size=3)
+    first = Scorer.load(preset="shapes", clip_ensemble=[], download=False, cache_dir=cache,
+                        batch_size=3)
     count = CountingEncoder(first, monkeypatch)
     hits = first.search(folder, f"a {truth[3]}", top_k=2)
     assert hits[0].path == str(folder / "nested" / paths[3].name) and len(hits) == 2
     assert count.images == 8
 
-    second = Scorer.load(preset="shapes", download=False, cache_dir=cache)  # a new process would
+    second = Scorer.load(preset="shapes", clip_ensemble=[], download=False,
+                         cache_dir=cache)  # a new process would
     count = CountingEncoder(second, monkeypatch)
     again = second.search(folder, f"a {truth[3]}", top_k=2)
     assert count.images == 0
@@ -161,7 +165,8 @@ def test_corrupt_images_are_skipped_with_a_warning(renders, tmp_path, caplog):
     (folder / "cut.png").write_bytes(whole[:len(whole) // 2])  # truncated
     (folder / "notes.txt").write_text("not an image either, and not looked at")
     (folder / ".hidden.png").write_bytes(paths[2].read_bytes())
-    scorer = Scorer.load(preset="shapes", download=False, cache_dir=tmp_path / "cache")
+    scorer = Scorer.load(preset="shapes", clip_ensemble=[], download=False,
+                         cache_dir=tmp_path / "cache")
     with caplog.at_level(logging.WARNING, logger="vqclip"):
         hits = scorer.search(folder, f"a {truth[1]}")
     assert [m.path for m in hits] == [str(folder / "good.png")]
@@ -288,7 +293,8 @@ def test_an_edit_that_keeps_size_and_mtime_is_still_seen(renders, tmp_path, monk
     folder.mkdir()
     image = folder / "a.bmp"  # BMP: the same size in bytes whatever the picture
     to_pil(x[0]).save(image)
-    scorer = Scorer.load(preset="shapes", download=False, cache_dir=tmp_path / "cache")
+    scorer = Scorer.load(preset="shapes", clip_ensemble=[], download=False,
+                         cache_dir=tmp_path / "cache")
     count = CountingEncoder(scorer, monkeypatch)
     before = scorer.search(folder, "a red circle")[0].score
     st = image.stat()
@@ -346,7 +352,8 @@ def test_a_cache_that_cannot_be_opened_is_skipped_with_a_warning(renders, tmp_pa
     _, paths, truth, _ = renders
     blocked = tmp_path / "file-not-folder"
     blocked.write_text("the cache folder cannot be made here")
-    scorer = Scorer.load(preset="shapes", download=False, cache_dir=blocked)
+    scorer = Scorer.load(preset="shapes", clip_ensemble=[], download=False,
+                         cache_dir=blocked)
     with caplog.at_level(logging.WARNING, logger="vqclip"):
         matches = scorer.rank(paths[:3], f"a {truth[1]}")
     assert matches[0].index == 1 and "cache" in caplog.text and "off for this run" in caplog.text

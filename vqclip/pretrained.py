@@ -106,14 +106,18 @@ _BUNDLED_LICENSE = "MIT (vqclip; trained by the project)"
 VQGAN_MODELS["shapes_f4_512"] = {
     "description": "shapes world, f=4, 512 codes, 64 px (vqclip's own, bundled): the offline preset",
     "license": _BUNDLED_LICENSE, "bundled": True,
-    "files": {
-        "config": RemoteFile(
-            "", "model.yaml", "09037172d51e7a8041bac74af2084b27428ec3219621d44179f0943031413907", 333),
-        "ckpt": RemoteFile(
-            "", "vqgan.safetensors",
-            "8b0fcb30c760291bc9cdaacbb8604a83beb781261bd104cc5767cc879df0b51c", 5977838),
-    },
+    "files": {"config": RemoteFile("", "model.yaml", "09037172d51e7a8041bac74af2084b27428ec3219621d44179f0943031413907", 333),
+              "ckpt": RemoteFile("", "vqgan.safetensors", "8b0fcb30c760291bc9cdaacbb8604a83beb781261bd104cc5767cc879df0b51c", 5977838)},
 }
+
+
+def _bundled_clip(arch: str, tag: str, description: str, config: tuple, weights: tuple) -> dict:
+    """The entry of a CLIP trained here and shipped in checkpoints/; files as (sha256, size)."""
+    return {"arch": arch, "pretrained": tag, "quick_gelu": False, "bundled": True,
+            "description": description, "license": _BUNDLED_LICENSE,
+            "files": {"config": RemoteFile("", f"{arch}.json", *config),
+                      "weights": RemoteFile("", "open_clip_model.safetensors", *weights)}}
+
 
 CLIP_MODELS: dict[str, dict] = {
     "ViT-B-32/openai": {
@@ -132,33 +136,16 @@ CLIP_MODELS: dict[str, dict] = {
             "https://huggingface.co/laion/CLIP-ViT-B-16-laion2B-s34B-b88K/resolve/main/open_clip_model.safetensors",
             "open_clip_model.safetensors")},
     },
-    "vqclip-shapes/v2": {
-        "arch": "vqclip-shapes", "pretrained": "v2", "quick_gelu": False, "bundled": True,
-        "description": "tiny CLIP of the shapes world, 64 px (vqclip's own, bundled): the offline preset",
-        "license": _BUNDLED_LICENSE,
-        "files": {
-            "config": RemoteFile(
-                "", "vqclip-shapes.json",
-                "db7cc6610b36637eea9a46d645929d8d80fa4c447adb85c49364f6f39a570c90", 265),
-            "weights": RemoteFile(
-                "", "open_clip_model.safetensors",
-                "245d0ca1545cd18dcaacb2a32332b101216feb5a8aed7077166173bdcd390dcf", 8316666),
-        },
-    },
-    "vqclip-shapes-rn/v1": {
-        "arch": "vqclip-shapes-rn", "pretrained": "v1", "quick_gelu": False, "bundled": True,
-        "description": "tiny CLIP of the shapes world with a convolutional image tower, 64 px "
-                       "(vqclip's own, bundled): the offline preset's second guide",
-        "license": _BUNDLED_LICENSE,
-        "files": {
-            "config": RemoteFile(
-                "", "vqclip-shapes-rn.json",
-                "093528488dec0fc1d433aa83f00cd6bb3a3238bd33d1fb8df8e51db2bde813bd", 284),
-            "weights": RemoteFile(
-                "", "open_clip_model.safetensors",
-                "7873dbae0bdde12597aa2be77ae90feeb50a29f703aae934fe0974fd3fdb58fa", 12586642),
-        },
-    },
+    "vqclip-shapes/v2": _bundled_clip(
+        "vqclip-shapes", "v2",
+        "tiny CLIP of the shapes world, 64 px (vqclip's own, bundled): the offline preset",
+        ("db7cc6610b36637eea9a46d645929d8d80fa4c447adb85c49364f6f39a570c90", 265),
+        ("245d0ca1545cd18dcaacb2a32332b101216feb5a8aed7077166173bdcd390dcf", 8316666)),
+    "vqclip-shapes-rn/v1": _bundled_clip(
+        "vqclip-shapes-rn", "v1", "tiny CLIP of the shapes world with a convolutional image tower, "
+        "64 px (vqclip's own, bundled): the offline preset's second guide",
+        ("093528488dec0fc1d433aa83f00cd6bb3a3238bd33d1fb8df8e51db2bde813bd", 284),
+        ("7873dbae0bdde12597aa2be77ae90feeb50a29f703aae934fe0974fd3fdb58fa", 12586642)),
 }
 
 
