@@ -47,7 +47,11 @@ PROMPTS = [("red", "circle"), ("blue", "square"), ("yellow", "triangle"), ("gree
 
 # Issue 4's generation bar is not met yet (README, "Quality"): with the shipped models (two CLIPs,
 # best of 2) the judge confirmed 31 of 72 runs (scripts/eval_shapes.py), and 1 of these 6.
-# strict: the day this passes, the marker must go.
+# strict: the day this passes, the marker must go. Six runs at the preset's settings take 3 to
+# 4 minutes on a 2-core CPU, a sixth of CI's budget, so CI leaves it to VQCLIP_QUALITY=1.
+@pytest.mark.skipif(not os.environ.get("VQCLIP_QUALITY"),
+                    reason="six generations at preset settings (3-4 min); VQCLIP_QUALITY=1 runs "
+                           "it, and scripts/eval_shapes.py measures the bar on 72")
 @pytest.mark.xfail(strict=True, reason="generation does not follow the prompt often enough yet: "
                                        "the judge confirms 31 of 72 at preset settings")
 def test_generation_follows_the_prompt(shapes_generator):
@@ -63,7 +67,7 @@ def test_main_command_runs_offline_from_any_directory(tmp_path):
     env = {**os.environ, "VQCLIP_OFFLINE": "1", "VQCLIP_CACHE": str(tmp_path / "empty-cache")}
     proc = subprocess.run(
         [sys.executable, "-m", "vqclip", "-q", "generate", "a red circle", "--preset", "shapes",
-         "--output", "x.png", "--video", "x.mp4", "--seed", "0"],
+         "--output", "x.png", "--video", "x.mp4", "--seed", "0", "--steps", "10"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     image = load_image(tmp_path / "x.png")

@@ -75,3 +75,23 @@ def test_unusable_cache_dir_is_a_one_line_error(tmp_path, capsys):
     assert main(["download", "imagenet_f16_1024", "--cache-dir", str(blocker / "sub")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("vqclip: error:") and err.count("\n") == 1
+
+
+def test_a_reader_that_goes_away_ends_the_command_quietly(tmp_path, monkeypatch, capsys):
+    class ClosedPipe:  # stdout after `| head` has exited
+        def __init__(self, fd):
+            self.fd = fd
+
+        def write(self, text):
+            raise BrokenPipeError(32, "Broken pipe")
+
+        def flush(self):
+            pass
+
+        def fileno(self):
+            return self.fd
+
+    with open(tmp_path / "stdout", "w") as f:
+        monkeypatch.setattr(sys, "stdout", ClosedPipe(f.fileno()))
+        code = main(["models", "list"])
+    assert code == 1 and capsys.readouterr().err == ""  # no traceback, no "error:" line

@@ -386,7 +386,7 @@ def test_a_cache_of_another_schema_version_is_rebuilt(tmp_path):
     image.write_bytes(b"stands in for an image")
     cache = EmbeddingCache(path)
     cache.put({"k": torch.ones(3)}, [(image, image.stat(), "k")])
-    assert torch.equal(cache.lookup(image), torch.ones(3))
+    assert torch.equal(cache.lookup([image])[0], torch.ones(3))
     assert torch.equal(cache.get({"k"})["k"], torch.ones(3))
 
 

@@ -23,7 +23,7 @@ from typing import Any
 
 from .batch import BatchReport, Job, begin, rebuild_manifest, record_outcome, run_job
 
-__all__ = ["run_on_ray"]
+__all__ = ["actor_options", "connect", "run_on_ray"]
 
 log = logging.getLogger("vqclip")
 
@@ -55,9 +55,14 @@ class _Worker:
             return {"error": str(e)}
 
 
-def _import_ray(address: str):
-    """Ray, set up for ``address``: for a local cluster, every listener on 127.0.0.1 (Ray binds
-    all interfaces otherwise; read when ray is first imported) and no usage statistics."""
+def connect(address: str):
+    """Ray, started for ``address``: for a local cluster, every listener on 127.0.0.1 (Ray binds
+    all interfaces otherwise; read when ray is first imported), no dashboard and no usage
+    statistics. The caller calls ``ray.shutdown()``.
+
+    Raises:
+        ValueError: Ray is not installed (one line naming the extra).
+    """
     if address == "local":
         if "ray" in sys.modules:
             log.warning("ray was imported before vqclip started its local cluster: its "
@@ -68,7 +73,21 @@ def _import_ray(address: str):
         import ray
     except ImportError:
         raise ValueError('--ray needs Ray: pip install "vqclip[ray]"') from None
+    local = dict(include_dashboard=False, object_store_memory=_OBJECT_STORE) if address == "local" else {}
+    ray.init(address=address, log_to_driver=False, **local)
     return ray
+
+
+def actor_options(ray, workers: int | None) -> tuple[int, dict[str, float], int | None]:
+    """How many actors (``workers``, default one per GPU of the cluster, else one), the
+    resources of each (a GPU where the cluster has them, else a share of the CPUs) and the torch
+    threads of each on CPUs (None on GPUs)."""
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    n = workers or max(gpus, 1)
+    cpus = ray.cluster_resources().get("CPU", 1)
+    # fractional CPUs: actors that hold whole CPUs on a small node starve Ray's own tasks
+    options = dict(num_gpus=1, num_cpus=0.5) if gpus else dict(num_cpus=min(0.5, cpus / n))
+    return n, options, None if gpus else max(1, int(cpus) // n)
 
 
 def run_on_ray(common, jobs: list[Job], out: str | Path, address: str = "local",
@@ -87,16 +106,9 @@ def run_on_ray(common, jobs: list[Job], out: str | Path, address: str = "local",
     todo, report = begin(out, jobs)
     if not todo:
         return report
-    ray = _import_ray(address)
-    local = dict(include_dashboard=False, object_store_memory=_OBJECT_STORE) if address == "local" else {}
-    ray.init(address=address, log_to_driver=False, **local)
+    ray = connect(address)
     try:
-        gpus = int(ray.cluster_resources().get("GPU", 0))
-        n = workers or max(gpus, 1)
-        cpus = ray.cluster_resources().get("CPU", 1)
-        # fractional CPUs: actors that hold whole CPUs on a small node starve Ray's own tasks
-        options = dict(num_gpus=1, num_cpus=0.5) if gpus else dict(num_cpus=min(0.5, cpus / n))
-        threads = None if gpus else max(1, int(cpus) // n)
+        n, options, threads = actor_options(ray, workers)
         actor = ray.remote(_Worker).options(max_restarts=-1, max_task_retries=max_retries, **options)
         config = OmegaConf.to_container(common)
         idle = [actor.remote(config, threads) for _ in range(min(n, len(todo)))]

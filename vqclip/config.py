@@ -207,9 +207,9 @@ def load_config(config: GenerateConfig | DictConfig | dict | None = None, *,
         layers.append(("config", config))
     for path in files:
         layers.append((str(path), _read_yaml(Path(path))))
-    if kwargs.get("clip_ensemble") is not None:
+    if kwargs.get("clip_ensemble") is not None:  # ["none"]: the main CLIP alone
         kwargs["clip_ensemble"] = [parse_member(m) if isinstance(m, str) else m
-                                   for m in kwargs["clip_ensemble"]]
+                                   for m in kwargs["clip_ensemble"] if m != "none"]
     given = {FLAT_KEYS[k]: _plain(v) for k, v in kwargs.items() if v is not None}
     layers.append(("arguments", _nest(given)))
     dotlist, strings = [], {}

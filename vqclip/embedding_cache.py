@@ -13,12 +13,13 @@ import os
 import re
 import sqlite3
 from pathlib import Path
+from typing import Sequence
 
 import torch
 
 from .pretrained import get_cache_dir
 
-__all__ = ["EmbeddingCache"]
+__all__ = ["EmbeddingCache", "stat_key"]
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +64,8 @@ class EmbeddingCache:
             db.execute("CREATE TABLE IF NOT EXISTS files (path TEXT PRIMARY KEY, stat TEXT, "
                        "sha256 TEXT)")
             db.execute("CREATE TABLE IF NOT EXISTS embeds (sha256 TEXT PRIMARY KEY, vector BLOB)")
+            # the shards of a folder that vqclip index has finished (see vqclip.index)
+            db.execute("CREATE TABLE IF NOT EXISTS shards (id TEXT PRIMARY KEY)")
         return db
 
     def _fail(self, error: Exception) -> None:
@@ -89,18 +92,30 @@ class EmbeddingCache:
         digest = hashlib.sha256(source.encode()).hexdigest()[:12]
         return cls(get_cache_dir(cache_dir) / "embeddings" / f"{slug}-{digest}.sqlite")
 
-    def lookup(self, path: Path) -> torch.Tensor | None:
-        """The stored embedding of ``path`` if the file is unchanged since it was recorded."""
+    def lookup(self, paths: Sequence[str | Path]) -> dict[int, torch.Tensor]:
+        """The stored embeddings of the files among ``paths`` that are unchanged since they were
+        recorded, by position in ``paths``. One query per 500 files, so a warm search of a large
+        folder costs a stat and a row per file."""
         if self._db is None:
-            return None
-        try:
-            st = path.stat()
-        except OSError:
-            return None  # the reader skips it with a warning
-        row = self._guard(lambda: self._db.execute(
-            "SELECT e.vector FROM files f JOIN embeds e ON f.sha256 = e.sha256 "
-            "WHERE f.path = ? AND f.stat = ?", (str(path.absolute()), _stat_key(st))).fetchone())
-        return None if row is None else torch.frombuffer(bytearray(row[0]), dtype=torch.float32)
+            return {}
+        wanted: dict[str, list[tuple[int, str]]] = {}  # absolute path -> (position, stat key)
+        for i, path in enumerate(paths):
+            try:
+                wanted.setdefault(str(Path(path).absolute()), []).append(
+                    (i, stat_key(os.stat(path))))
+            except OSError:
+                continue  # the reader skips it with a warning
+        names, found = list(wanted), {}
+        for start in range(0, len(names), 500):  # SQLite limits the number of parameters
+            chunk = names[start:start + 500]
+            rows = self._guard(lambda c=chunk: self._db.execute(
+                "SELECT f.path, f.stat, e.vector FROM files f JOIN embeds e ON f.sha256 = e.sha256 "
+                f"WHERE f.path IN ({','.join('?' * len(c))})", c).fetchall(), [])
+            for path, stat, vector in rows:
+                for i, now in wanted[path]:
+                    if now == stat:
+                        found[i] = torch.frombuffer(bytearray(vector), dtype=torch.float32)
+        return found
 
     def get(self, keys: set[str]) -> dict[str, torch.Tensor]:
         """The stored embeddings among ``keys`` (content hashes)."""
@@ -113,19 +128,34 @@ class EmbeddingCache:
             out.update({k: torch.frombuffer(bytearray(v), dtype=torch.float32) for k, v in rows})
         return out
 
+    def finished(self, shards: Sequence[str]) -> set[str]:
+        """The shards among these that are recorded as indexed."""
+        found = set()
+        for start in range(0, len(shards), 500):
+            chunk = list(shards[start:start + 500])
+            found.update(row[0] for row in self._guard(lambda c=chunk: self._db.execute(
+                f"SELECT id FROM shards WHERE id IN ({','.join('?' * len(c))})", c).fetchall(), []))
+        return found
+
     def put(self, embeds: dict[str, torch.Tensor],
-            files: list[tuple[Path, os.stat_result, str]] = ()) -> None:
-        """Store embeddings by content hash, and which content each file had when it was read."""
+            files: list[tuple[Path, os.stat_result | str, str]] = (),
+            shards: Sequence[str] = ()) -> None:
+        """Store embeddings by content hash, and which content each file had when it was read
+        (its stat, or the :func:`stat_key` of it); and, in the same transaction, which shards
+        are finished."""
         def write():
             with self._db:
                 self._db.executemany("INSERT OR REPLACE INTO embeds VALUES (?, ?)", [
                     (k, v.float().contiguous().numpy().tobytes()) for k, v in embeds.items() if k])
                 self._db.executemany("INSERT OR REPLACE INTO files VALUES (?, ?, ?)", [
-                    (str(p.absolute()), _stat_key(st), k) for p, st, k in files if k])
+                    (str(Path(p).absolute()), st if isinstance(st, str) else stat_key(st), k)
+                    for p, st, k in files if k])
+                self._db.executemany("INSERT OR IGNORE INTO shards VALUES (?)", [(i,) for i in shards])
         self._guard(write)
 
 
-def _stat_key(st: os.stat_result) -> str:
+def stat_key(st: os.stat_result) -> str:
+    """What identifies a file's version: its size, modification and change times, and inode."""
     # size, modification and change time, inode: an edit that keeps the size and resets the
     # modification time (cp -p, exiftool -P) still changes the change time
     return f"{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}:{st.st_ino}"

@@ -1,8 +1,10 @@
-"""Reading images, and writing PNGs with their settings in text chunks, atomically."""
+"""Reading images, listing a folder's, and writing PNGs with their settings in text chunks,
+atomically."""
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from pathlib import Path
 from typing import Iterator
@@ -10,8 +12,12 @@ from typing import Iterator
 import torch
 from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
 
-__all__ = ["atomic_path", "load_image", "read_png_text", "save_png", "temp_path", "to_pil",
-           "to_rgb", "to_tensor"]
+__all__ = ["IMAGE_SUFFIXES", "atomic_path", "image_files", "iter_image_files", "load_image",
+           "read_png_text", "save_png", "temp_path", "to_pil", "to_rgb", "to_tensor"]
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 
 def load_image(path: str | Path, size: tuple[int, int] | None = None) -> Image.Image:
@@ -93,3 +99,49 @@ def read_png_text(path: str | Path) -> dict[str, str]:
     with Image.open(path) as im:
         im.load()
         return {str(k): str(v) for k, v in im.text.items()}  # plain str, not PIL iTXt objects
+
+
+def image_files(folder: str | Path) -> list[Path]:
+    """Image files under ``folder``, recursively and sorted (see :func:`iter_image_files`).
+
+    Raises:
+        FileNotFoundError, NotADirectoryError: no such folder. ValueError: no images in it.
+    """
+    files = list(iter_image_files(folder))
+    if not files:
+        raise ValueError(f"no images in {folder} (looked for {', '.join(IMAGE_SUFFIXES)})")
+    return files
+
+
+def iter_image_files(folder: str | Path) -> Iterator[Path]:
+    """Image files under ``folder``, recursively, in sorted order (``sorted()`` of the paths), as
+    a stream: one folder's listing at a time in memory.
+
+    Hidden files and folders are left out, and symlinked folders are not followed (no loops);
+    a folder that cannot be read is skipped with a warning.
+
+    Raises:
+        FileNotFoundError, NotADirectoryError: no such folder (when the stream starts).
+    """
+    folder = Path(folder)
+    if not folder.exists():
+        raise FileNotFoundError(f"folder not found: {folder}")
+    if not folder.is_dir():
+        raise NotADirectoryError(f"{folder} is not a folder")
+    return _walk(folder)
+
+
+def _walk(folder: Path) -> Iterator[Path]:
+    try:
+        with os.scandir(folder) as listing:
+            entries = sorted(listing, key=lambda e: e.name)
+    except OSError as e:
+        log.warning("skipped folder %s: %s", folder, e.strerror)
+        return
+    for entry in entries:
+        if entry.name.startswith("."):
+            continue
+        if entry.is_dir(follow_symlinks=False):
+            yield from _walk(folder / entry.name)
+        elif Path(entry.name).suffix.lower() in IMAGE_SUFFIXES and entry.is_file():
+            yield folder / entry.name

@@ -28,29 +28,30 @@ Example:
 from __future__ import annotations
 
 import hashlib
+import heapq
 import io
+import itertools
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence, Union
+from typing import Any, Iterable, Iterator, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
 from tqdm.auto import tqdm
 
-from .embedding_cache import EmbeddingCache
-from .images import to_pil, to_rgb
+from .embedding_cache import EmbeddingCache, stat_key
+from .images import IMAGE_SUFFIXES, image_files, iter_image_files, to_pil, to_rgb
 from .prompts import parse_text_prompts
 
 __all__ = ["BaseScorer", "Classification", "EmbeddingCache", "IMAGE_SUFFIXES", "Match", "Scorer", "check_labels",
-           "check_prompt", "check_templates", "image_files"]
+           "check_prompt", "check_templates", "image_files", "iter_image_files"]
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 ImageLike = Union[str, Path, Image.Image, torch.Tensor]
 
 
@@ -98,13 +99,37 @@ class BaseScorer:
         return [Match(kept[j], scores[j].item(), _path(items[kept[j]])) for j in order]
 
     def search(self, folder: str | Path, query: str, top_k: int | None = 10,
-               progress: bool = False) -> list[Match]:
+               progress: bool = False, min_score: float | None = None) -> list[Match]:
         """The ``top_k`` images under ``folder`` that best match ``query`` (see :func:`image_files`
-        for which files count)."""
+        for which files count), best first; with ``min_score``, those that score at least that
+        (at most ``top_k`` of them, if given), read from the folder as a stream (:meth:`filter`).
+        """
         if top_k is not None and top_k < 1:
             raise ValueError(f"top_k must be >= 1, got {top_k}")
-        files = image_files(folder)
-        return self.rank(files, query, progress)[:top_k]
+        if min_score is None:
+            return self.rank(image_files(folder), query, progress)[:top_k]
+        if not -1 <= min_score <= 1:
+            raise ValueError(f"min_score is a cosine similarity, in [-1, 1]; got {min_score}")
+        matches = self.filter(iter_image_files(folder), query, min_score, progress=progress)
+        if top_k is not None:
+            return heapq.nlargest(top_k, matches, key=lambda m: m.score)  # ties: folder order
+        return sorted(matches, key=lambda m: -m.score)
+
+    def filter(self, images: Iterable[str | Path], prompt: str, min_score: float,
+               chunk_size: int = 4096, progress: bool = False) -> Iterator[Match]:
+        """The images that score at least ``min_score`` against ``prompt``, in input order, as a
+        stream: ``images`` is read ``chunk_size`` at a time, so memory holds one chunk of
+        embeddings however many images there are (cached ones are read, not encoded).
+        """
+        check_prompt(prompt)
+        images, offset = iter(images), 0
+        with tqdm(desc="search", unit="img", disable=not progress, leave=False) as bar:
+            while chunk := list(itertools.islice(images, chunk_size)):
+                scores, kept = self.score(chunk, prompt)
+                yield from (Match(offset + j, s, _path(chunk[j]))
+                            for j, s in zip(kept, scores.tolist(), strict=True) if s >= min_score)
+                offset += len(chunk)
+                bar.update(len(chunk))
 
     def describe(self, image: ImageLike, texts: Sequence[str], top_k: int | None = 5
                  ) -> list[tuple[str, float]]:
@@ -208,10 +233,8 @@ class Scorer(BaseScorer):
         items = _as_items(images)
         paths = {i: Path(x) for i, x in enumerate(items) if isinstance(x, (str, Path))}
         cache = self.cache if paths else None
-        embeds: dict[int, torch.Tensor] = {}
-        for i, path in paths.items() if cache else ():  # unchanged files seen before
-            if (e := cache.lookup(path)) is not None:
-                embeds[i] = e
+        order = list(paths)  # unchanged files seen before:
+        embeds = {order[j]: e for j, e in cache.lookup(list(paths.values())).items()} if cache else {}
         todo = [i for i in range(len(items)) if i not in embeds]
         with tqdm(total=len(todo), disable=not progress or not todo, desc="encode", unit="img",
                   leave=False) as bar, ThreadPoolExecutor(self.workers) as pool:
@@ -223,9 +246,7 @@ class Scorer(BaseScorer):
                 known = cache.get({key for _, key, _ in ready.values()}) if cache else {}
                 new = [i for i, (_, key, _) in ready.items() if key not in known]
                 if new:
-                    with torch.no_grad():
-                        x = torch.stack([ready[i][0] for i in new]).to(self.clip.device)
-                        out = F.normalize(self.clip.model.encode_image(x).float(), dim=-1).cpu()
+                    out = self._encode([ready[i][0] for i in new])
                     known.update({ready[i][1]: e for i, e in zip(new, out, strict=True)})
                     embeds.update(zip(new, out, strict=True))
                 embeds.update({i: known[key] for i, (_, key, _) in ready.items() if i not in embeds})
@@ -236,6 +257,23 @@ class Scorer(BaseScorer):
         kept = sorted(embeds)
         dim = self.clip.model.visual.output_dim
         return (torch.stack([embeds[i] for i in kept]) if kept else torch.empty(0, dim)), kept
+
+    def embed_files(self, paths: Sequence[str | Path]) -> tuple[torch.Tensor, list[tuple[int, str, str]]]:
+        """Embed image files without the cache (what an indexing worker does; see
+        :mod:`vqclip.index`): ``(M, D)`` unit embeddings of the M readable files, and for each
+        its position in ``paths``, its content's sha256 and its stat key (the cache's)."""
+        with ThreadPoolExecutor(self.workers) as pool:
+            prepared = [(i, p) for i, p in enumerate(pool.map(self._prepare, paths)) if p is not None]
+        vectors = [self._encode([p[0] for _, p in prepared[start:start + self.batch_size]])
+                   for start in range(0, len(prepared), self.batch_size)]
+        dim = self.clip.model.visual.output_dim
+        return (torch.cat(vectors) if vectors else torch.empty(0, dim),
+                [(i, key, stat_key(st)) for i, (_, key, st) in prepared])
+
+    @torch.no_grad()
+    def _encode(self, pixels: list[torch.Tensor]) -> torch.Tensor:
+        x = torch.stack(pixels).to(self.clip.device)
+        return F.normalize(self.clip.model.encode_image(x).float(), dim=-1).cpu()
 
     def _prepare(self, item: ImageLike):
         """One image as CLIP's input ``(3, S, S)``, normalized, with its file's content hash and
@@ -257,7 +295,7 @@ class Scorer(BaseScorer):
         except (OSError, ValueError, Image.DecompressionBombError) as e:
             log.warning("skipped %s: not a readable image (%s)", item, e)
             return None
-        return pixels, hashlib.sha256(data).hexdigest() if self.use_cache else None, st
+        return pixels, hashlib.sha256(data).hexdigest(), st
 
     # ---------------------------------------------------------------------------------- scoring
 
@@ -310,31 +348,6 @@ class Scorer(BaseScorer):
 
 
 # ------------------------------------------------------------------------------------ helpers
-
-
-def image_files(folder: str | Path) -> list[Path]:
-    """Image files under ``folder``, recursively and sorted.
-
-    Hidden files and folders are left out, and symlinked folders are not followed (no loops);
-    a folder that cannot be read is skipped with a warning.
-
-    Raises:
-        FileNotFoundError, NotADirectoryError: no such folder. ValueError: no images in it.
-    """
-    folder = Path(folder)
-    if not folder.exists():
-        raise FileNotFoundError(f"folder not found: {folder}")
-    if not folder.is_dir():
-        raise NotADirectoryError(f"{folder} is not a folder")
-    files = []
-    for root, dirs, names in os.walk(folder, onerror=lambda e: log.warning(
-            "skipped folder %s: %s", e.filename, e.strerror)):
-        dirs[:] = [d for d in dirs if not d.startswith(".")]
-        files += [Path(root, n) for n in names
-                  if not n.startswith(".") and Path(n).suffix.lower() in IMAGE_SUFFIXES]
-    if not files:
-        raise ValueError(f"no images in {folder} (looked for {', '.join(IMAGE_SUFFIXES)})")
-    return sorted(files)
 
 
 def _as_items(images: Iterable[ImageLike] | torch.Tensor) -> list[ImageLike]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from .. import __version__
@@ -58,6 +59,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("vqclip").setLevel(level)
     try:
         return args.func(args)
+    except BrokenPipeError:  # the reader went away (| head): stop quietly, as Python's docs do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except (ValueError, OSError, CheckpointError, DownloadError) as e:
         # user errors: bad names or values, missing or unwritable paths, no network
         print(f"vqclip: error: {e}", file=sys.stderr)

@@ -30,7 +30,8 @@ def add_clip_flags(group) -> None:
                        help="open_clip model config for a custom architecture")
     group.add_argument("--clip-ensemble", dest="clip_ensemble", action="append",
                        metavar="ARCH/TAG[:W]", help="one more CLIP that guides (and scores) with "
-                       "the main one, weighing W (default 1); repeatable")
+                       "the main one, weighing W (default 1); repeatable. none: the main CLIP "
+                       "alone, without the preset's")
     group.add_argument("--clip-weight", dest="clip_weight", type=float, metavar="W",
                        help="the main CLIP's weight in an ensemble (default 1)")
 

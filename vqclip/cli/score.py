@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import importlib.util
 import sys
 
 from .common import add_clip_flags, add_verbosity, print_json
@@ -36,20 +37,44 @@ def register(sub) -> None:
                                    "cached per model by file content, so searching again is fast.")
     p.add_argument("folder", metavar="DIR")
     p.add_argument("query", metavar="QUERY")
-    p.add_argument("--top", type=int, default=10, metavar="K", help="how many results (default 10)")
+    p.add_argument("--top", type=int, metavar="K",
+                   help="how many results (default 10; with --min-score, all that pass)")
+    p.add_argument("--min-score", dest="min_score", type=float, metavar="S",
+                   help="every image scoring at least S (a cosine similarity), best first; the "
+                        "folder is read as a stream, so memory does not grow with it")
     _common(p)
     p.set_defaults(func=cmd_search, kept=_kept_by_search)
 
+    p = sub.add_parser("index", help="embed a folder's images into the cache that search reads",
+                       description="Embed every image under DIR (recursively) into the cache of "
+                                   "embeddings that search reads, shard by shard: a rerun, or an "
+                                   "interrupted run started again, does only the shards not "
+                                   "finished. --ray spreads the shards over Ray Data actors.")
+    p.add_argument("folder", metavar="DIR")
+    p.add_argument("--shard-size", dest="shard_size", type=int, default=1000, metavar="N",
+                   help="files per shard, the unit of work and of resuming (default 1000)")
+    g = p.add_argument_group("on Ray (pip install \"vqclip[ray]\")")
+    g.add_argument("--ray", metavar="local|auto|ADDRESS",
+                   help="local starts a cluster on this machine (loopback only); auto joins the "
+                        "one RAY_ADDRESS names; ADDRESS joins that one. Every node reads DIR at "
+                        "the same path")
+    g.add_argument("--workers", type=int, metavar="N",
+                   help="actors (default: one per GPU of the cluster, else one)")
+    _common(p, cache=False)
+    p.set_defaults(func=cmd_index, kept=lambda args: "; the finished shards are kept, a rerun "
+                   "does the rest")
 
-def _common(p: argparse.ArgumentParser) -> None:
+
+def _common(p: argparse.ArgumentParser, cache: bool = True) -> None:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     g = p.add_argument_group("models")
     g.add_argument("--preset", help="the CLIP of this preset (default: imagenet, ViT-B-32)")
     add_clip_flags(g)
     g.add_argument("--device", help="auto (default), cpu, cuda, cuda:N or mps")
     g.add_argument("--batch-size", dest="batch_size", type=int, default=64, metavar="N")
-    g.add_argument("--no-cache", dest="no_cache", action="store_true",
-                   help="do not read or write the on-disk cache of image embeddings")
+    if cache:
+        g.add_argument("--no-cache", dest="no_cache", action="store_true",
+                       help="do not read or write the on-disk cache of image embeddings")
     add_verbosity(p, argparse.SUPPRESS)
 
 
@@ -75,14 +100,19 @@ def _out_of_memory(command):
     return run
 
 
-def _scorer(args: argparse.Namespace):
-    from ..scoring import Scorer
-
+def _load_args(args: argparse.Namespace) -> dict:
+    """The :meth:`Scorer.load` arguments of a scoring command line."""
     models = {k: getattr(args, k) for k in ("clip", "clip_pretrained", "clip_config",
                                             "clip_ensemble", "clip_weight")
               if getattr(args, k) is not None}
-    return Scorer.load(preset=args.preset, device=args.device or "auto", cache=not args.no_cache,
-                       batch_size=args.batch_size, **models)
+    return dict(preset=args.preset, device=args.device or "auto", batch_size=args.batch_size,
+                **models)
+
+
+def _scorer(args: argparse.Namespace):
+    from ..scoring import Scorer
+
+    return Scorer.load(cache=not getattr(args, "no_cache", False), **_load_args(args))
 
 
 def _none_readable(results) -> int:
@@ -134,11 +164,53 @@ def cmd_rank(args: argparse.Namespace) -> int:
 
 @_out_of_memory
 def cmd_search(args: argparse.Namespace) -> int:
-    from ..scoring import check_prompt, image_files
+    from ..images import image_files, iter_image_files
+    from ..scoring import check_prompt
 
-    if args.top < 1:
+    if args.top is not None and args.top < 1:
         raise ValueError(f"--top must be >= 1, got {args.top}")
+    if args.min_score is not None and not -1 <= args.min_score <= 1:
+        raise ValueError(f"--min-score is a cosine similarity, in [-1, 1]; got {args.min_score}")
     check_prompt(args.query)
-    files = image_files(args.folder)
-    matches = _scorer(args).rank(files, args.query, progress=not args.quiet)[:args.top]
-    return _report_matches(matches, args.json)
+    if args.min_score is None:
+        files = image_files(args.folder)  # before the model loads
+        matches = _scorer(args).rank(files, args.query, progress=not args.quiet)[:args.top or 10]
+        return _report_matches(matches, args.json)
+    iter_image_files(args.folder)  # a missing folder, before the model loads
+    matches = _scorer(args).search(args.folder, args.query, top_k=args.top,
+                                   min_score=args.min_score, progress=not args.quiet)
+    if args.json:
+        print_json([{"path": m.path, "score": m.score} for m in matches])
+    elif matches:
+        _report_matches(matches, False)
+    else:
+        print(f"no image scores {args.min_score} or more", file=sys.stderr)
+    return 0
+
+
+@_out_of_memory
+def cmd_index(args: argparse.Namespace) -> int:
+    from ..images import image_files
+
+    if args.shard_size < 1 or args.workers is not None and args.workers < 1:
+        raise ValueError("--shard-size and --workers must be >= 1")
+    if args.workers is not None and args.ray is None:
+        raise ValueError("--workers needs --ray; without it the images are embedded here")
+    if args.ray is not None and importlib.util.find_spec("ray") is None:
+        raise ValueError('--ray needs Ray: pip install "vqclip[ray]"')
+    image_files(args.folder)  # a missing or empty folder, before the model loads
+    from ..index import index_folder
+    from ..scoring import Scorer
+
+    load = _load_args(args)
+    # on Ray the actors embed; this process only writes the caches, with the models on the CPU
+    scorer = Scorer.load(**{**load, "device": "cpu" if args.ray else load["device"]})
+    report = index_folder(scorer, args.folder, shard_size=args.shard_size, ray=args.ray,
+                          workers=args.workers, load=load, progress=not args.quiet)
+    if args.json:
+        print_json(vars(report))
+    else:
+        shards = f"{report.shards} shard{'s' * (report.shards != 1)}"
+        print(f"indexed {args.folder}: {report.files} images in {shards} ({report.finished_before} "
+              f"finished before); embedded {report.embedded}, unreadable {report.unreadable}")
+    return 0
