@@ -27,6 +27,13 @@ from vqclip.scoring import Scorer
 from vqclip.shapes import batch
 
 
+def cpu_name() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
 def rss_mib() -> float:
     return int(Path("/proc/self/statm").read_text().split()[1]) * resource.getpagesize() / 2**20
 
@@ -59,7 +66,7 @@ def main():
         print(f"wrote {args.n} PNGs in {time.perf_counter() - start:.0f} s")
     load = dict(preset="shapes", clip_ensemble=[], download=False, cache_dir=cache, batch_size=256)
     print(f"# vqclip-shapes/v2, {torch.get_num_threads()} threads, "
-          f"{platform.processor() or platform.machine()}, torch {torch.__version__}")
+          f"{cpu_name()}, torch {torch.__version__}")
     if not args.skip_index:
         report = index_folder(Scorer.load(**load), images, shard_size=1000, progress=True)
         print(f"index:  {report.embedded / report.seconds:8.1f} images/s  ({report.embedded} "

@@ -175,6 +175,24 @@ def test_failed_jobs_are_listed_and_retried(tiny_models, tmp_path, monkeypatch, 
     assert not (out / "failed.jsonl").exists() and len(_manifest(out)) == 3
 
 
+def test_shards_sharing_a_folder_keep_each_others_failures(tiny_models, tmp_path, monkeypatch):
+    jobs, out = tmp_path / "jobs.txt", tmp_path / "out"
+    jobs.write_text("".join(f"broken {i}\n" for i in range(6)))
+
+    def failing(self, *args, **kwargs):
+        raise GenerationError("the loss is NaN at step 1")
+
+    monkeypatch.setattr(generator.Generator, "generate", failing)
+    for i in range(3):
+        batch(tiny_models, jobs, out, "--shard", f"{i}/3")
+    failed = [json.loads(line) for line in (out / "failed.jsonl").read_text().splitlines()]
+    assert sorted(r["prompt"] for r in failed) == [f"broken {i}" for i in range(6)]
+    share = int(failed[0]["id"], 16) % 3
+    assert batch(tiny_models, jobs, out, "--shard", f"{share}/3") == 1  # its lines replaced
+    again = [json.loads(line) for line in (out / "failed.jsonl").read_text().splitlines()]
+    assert sorted(r["id"] for r in again) == sorted(r["id"] for r in failed)
+
+
 def test_a_stale_manifest_is_rebuilt_from_meta(tiny_models, tmp_path):
     jobs, out = tmp_path / "jobs.txt", tmp_path / "out"
     jobs.write_text("a\nb\n")

@@ -13,7 +13,7 @@ makes the same image; line numbers are not ids, since files get edited. Its file
     DIR/img/<id>.png          (candidates: <id>-<k>.png and <id>-ranking.json)
     DIR/meta/<id>.json        written last, atomically: the job is finished when this exists
     DIR/manifest.jsonl        one line per finished job; rebuilt from meta/ when it disagrees
-    DIR/failed.jsonl          this run's failures: job, error, attempts
+    DIR/failed.jsonl          the failed jobs not finished since: job, error, attempts
 
 A rerun runs only the jobs without a ``meta/`` file, and each is checked again just before it
 starts, so that runs sharing a folder (``--shard``, or a second machine) never redo one.
@@ -21,6 +21,8 @@ starts, so that runs sharing a folder (``--shard``, or a second machine) never r
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -28,7 +30,7 @@ import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -179,6 +181,23 @@ def _write_text(path: Path, text: str) -> None:
         tmp.write_text(text)
 
 
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """An exclusive lock on ``path`` for runs that share the folder (``--shard``): a lock file
+    beside it, held with ``flock`` for the block."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(f".{path.name}.lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    try:
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    except FileNotFoundError:
+        return []
+
+
 def _write_jsonl(path: Path, records: list[dict]) -> None:
     _write_text(path, "".join(json.dumps(r) + "\n" for r in records))
 
@@ -228,9 +247,17 @@ class BatchReport:
 
 def begin(out: str | Path, jobs: list[Job]) -> tuple[list[Job], BatchReport]:
     """What a run of ``jobs`` has to do: the manifest brought up to date, the last run's
-    failures cleared (this run retries them), and the jobs not finished."""
+    failures among ``jobs`` cleared (this run retries them), and the jobs not finished."""
     rebuild_manifest(out)
-    (Path(out) / "failed.jsonl").unlink(missing_ok=True)
+    ids, failed = {j.id for j in jobs}, Path(out) / "failed.jsonl"
+    if failed.exists():  # other shards' failures stay listed; this run retries its own
+        with _locked(failed):
+            kept = [r for r in _read_jsonl(failed)
+                    if r["id"] not in ids and not finished(out, r["id"])]
+            if kept:
+                _write_jsonl(failed, kept)
+            else:
+                failed.unlink()
     todo = [j for j in jobs if not finished(out, j.id)]
     return todo, BatchReport(0, len(jobs) - len(todo), [])
 
@@ -243,7 +270,8 @@ def record_outcome(out: str | Path, report: BatchReport, job: Job, record: dict 
     if error is not None:
         report.failed.append({"id": job.id, "line": job.line, "prompt": job.prompt,
                               "error": error, "attempts": attempts})
-        _write_jsonl(out / "failed.jsonl", report.failed)
+        with _locked(out / "failed.jsonl"), open(out / "failed.jsonl", "a") as f:
+            f.write(json.dumps(report.failed[-1]) + "\n")
     elif record is not None:
         with open(out / "manifest.jsonl", "a") as f:  # one short append: never a torn line
             f.write(json.dumps(record) + "\n")
