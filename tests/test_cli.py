@@ -93,5 +93,5 @@ def test_a_reader_that_goes_away_ends_the_command_quietly(tmp_path, monkeypatch,
 
     with open(tmp_path / "stdout", "w") as f:
         monkeypatch.setattr(sys, "stdout", ClosedPipe(f.fileno()))
-        code = main(["models", "list"])
+        code = main(["models"])
     assert code == 1 and capsys.readouterr().err == ""  # no traceback, no "error:" line

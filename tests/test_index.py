@@ -151,7 +151,7 @@ def test_cli_index_and_search_with_min_score(folder, tmp_path, monkeypatch, caps
     (["search", "{root}", "a cat", "--min-score", "1.5"], "--min-score is a cosine similarity"),
     (["search", "{root}/nowhere", "a cat", "--min-score", "0.2"], "folder not found"),
     (["index", "{root}/nowhere"], "folder not found"),
-    (["index", "{root}", "--shard-size", "0"], "--shard-size and --workers must be >= 1"),
+    (["index", "{root}", "--shard-size", "0"], "--shard-size must be >= 1"),
     (["index", "{root}", "--workers", "2"], "--workers needs --ray"),
 ])
 def test_bad_index_and_search_lines_exit_2_with_one_line(folder, capsys, argv, message):

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import logging
 import sys
 
-from .common import add_verbosity
+from .common import add_ray_flags, add_verbosity, check_ray_flags
 from .generate import _is_override, add_loop_flags, load_generator
 
 __all__ = ["register"]
@@ -32,13 +31,7 @@ def register(sub) -> None:
     g.add_argument("--repeat", type=int, default=1, metavar="N", help="N seeds of each job")
     g.add_argument("--shard", metavar="I/N", help="run share I of N (0 <= I < N), chosen by job "
                                                   "id: for Slurm arrays and other launchers")
-    g = p.add_argument_group("on Ray (pip install \"vqclip[ray]\")")
-    g.add_argument("--ray", metavar="local|auto|ADDRESS",
-                   help="run the jobs on Ray actors: local starts a cluster on this machine "
-                        "(loopback only); auto joins the one RAY_ADDRESS names (as under ray job "
-                        "submit); ADDRESS joins that one")
-    g.add_argument("--workers", type=int, metavar="N",
-                   help="actors (default: one per GPU of the cluster, else one)")
+    g = add_ray_flags(p, "jobs")
     g.add_argument("--max-retries", dest="max_retries", type=int, default=3, metavar="N",
                    help="times a job is run again when its actor dies (default 3)")
     add_verbosity(p, argparse.SUPPRESS)
@@ -61,12 +54,9 @@ def batch_jobs(args: argparse.Namespace):
     common = load_config(preset=args.preset, files=[args.config] if args.config else (),
                          overrides=words, **flags)
     check_precision(common.precision, resolve_device(common.device))
-    if args.ray is None and args.workers is not None:
-        raise ValueError("--workers needs --ray; without it the jobs run one after another here")
-    if args.workers is not None and args.workers < 1 or args.max_retries < 0 or args.repeat < 1:
-        raise ValueError("--workers and --repeat must be >= 1, --max-retries >= 0")
-    if args.ray is not None and importlib.util.find_spec("ray") is None:
-        raise ValueError('--ray needs Ray: pip install "vqclip[ray]"')
+    check_ray_flags(args, "the jobs run one after another here")
+    if args.max_retries < 0 or args.repeat < 1:
+        raise ValueError("--repeat must be >= 1, --max-retries >= 0")
     items = read_jobs(args.jobs)
     try:
         jobs = plan(items, common, args.out, repeat=args.repeat)

@@ -4,9 +4,11 @@ that choose a CLIP, a small argument type and JSON output."""
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 
-__all__ = ["Parser", "add_clip_flags", "add_verbosity", "names", "print_json"]
+__all__ = ["Parser", "add_clip_flags", "add_ray_flags", "add_verbosity", "check_ray_flags", "names",
+           "print_json"]
 
 
 class Parser(argparse.ArgumentParser):
@@ -34,6 +36,30 @@ def add_clip_flags(group) -> None:
                        "alone, without the preset's")
     group.add_argument("--clip-weight", dest="clip_weight", type=float, metavar="W",
                        help="the main CLIP's weight in an ensemble (default 1)")
+
+
+def add_ray_flags(parser: argparse.ArgumentParser, what: str, where: str = ""):
+    """``--ray`` and ``--workers``, for the commands whose work Ray can spread (batch, index);
+    returns their group, for a command's own Ray flags."""
+    g = parser.add_argument_group('on Ray (pip install "vqclip[ray]")')
+    g.add_argument("--ray", metavar="local|auto|ADDRESS",
+                   help=f"run the {what} on Ray actors: local starts a cluster on this machine "
+                        "(loopback only); auto joins the one RAY_ADDRESS names (as under ray job "
+                        f"submit); ADDRESS joins that one{where}")
+    g.add_argument("--workers", type=int, metavar="N",
+                   help="actors (default: one per GPU of the cluster, else one)")
+    return g
+
+
+def check_ray_flags(args: argparse.Namespace, without: str) -> None:
+    """``--ray`` and ``--workers`` as given, before any model loads; ``without``: what happens
+    without --ray, for the message."""
+    if args.ray is None and args.workers is not None:
+        raise ValueError(f"--workers needs --ray; without it {without}")
+    if args.workers is not None and args.workers < 1:
+        raise ValueError(f"--workers must be >= 1, got {args.workers}")
+    if args.ray is not None and importlib.util.find_spec("ray") is None:
+        raise ValueError('--ray needs Ray: pip install "vqclip[ray]"')
 
 
 def names(text: str) -> list[str]:

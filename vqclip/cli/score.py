@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import argparse
 import functools
-import importlib.util
 import sys
 
-from .common import add_clip_flags, add_verbosity, print_json
+from .common import add_clip_flags, add_ray_flags, add_verbosity, check_ray_flags, print_json
 
 __all__ = ["register"]
 
@@ -53,13 +52,7 @@ def register(sub) -> None:
     p.add_argument("folder", metavar="DIR")
     p.add_argument("--shard-size", dest="shard_size", type=int, default=1000, metavar="N",
                    help="files per shard, the unit of work and of resuming (default 1000)")
-    g = p.add_argument_group("on Ray (pip install \"vqclip[ray]\")")
-    g.add_argument("--ray", metavar="local|auto|ADDRESS",
-                   help="local starts a cluster on this machine (loopback only); auto joins the "
-                        "one RAY_ADDRESS names; ADDRESS joins that one. Every node reads DIR at "
-                        "the same path")
-    g.add_argument("--workers", type=int, metavar="N",
-                   help="actors (default: one per GPU of the cluster, else one)")
+    add_ray_flags(p, "embedding", "; every node reads DIR at the same path")
     _common(p, cache=False)
     p.set_defaults(func=cmd_index, kept=lambda args: "; the finished shards are kept, a rerun "
                    "does the rest")
@@ -192,12 +185,9 @@ def cmd_search(args: argparse.Namespace) -> int:
 def cmd_index(args: argparse.Namespace) -> int:
     from ..images import image_files
 
-    if args.shard_size < 1 or args.workers is not None and args.workers < 1:
-        raise ValueError("--shard-size and --workers must be >= 1")
-    if args.workers is not None and args.ray is None:
-        raise ValueError("--workers needs --ray; without it the images are embedded here")
-    if args.ray is not None and importlib.util.find_spec("ray") is None:
-        raise ValueError('--ray needs Ray: pip install "vqclip[ray]"')
+    if args.shard_size < 1:
+        raise ValueError(f"--shard-size must be >= 1, got {args.shard_size}")
+    check_ray_flags(args, "the images are embedded here")
     image_files(args.folder)  # a missing or empty folder, before the model loads
     from ..index import index_folder
     from ..scoring import Scorer
