@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -250,6 +251,22 @@ def tiny_generator(tiny_models):
     from vqclip.generator import Generator
 
     return Generator.load(**tiny_models)
+
+
+def free_port() -> int:
+    """A TCP port free on the loopback now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    """``item.rep_call``: the test's own report, for fixtures that keep evidence of a failure."""
+    report = yield
+    if report.when == "call":
+        item.rep_call = report
+    return report
 
 
 def cli_process(*args: str, interruptible: bool = False, **kwargs) -> subprocess.Popen:

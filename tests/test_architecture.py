@@ -43,7 +43,8 @@ def within(name: str, part: str) -> bool:
 
 
 def is_core(name: str) -> bool:
-    return not any(within(name, p) for p in ("vqclip.shapes", "vqclip.cli", "vqclip.__main__"))
+    return not any(within(name, p) for p in ("vqclip.shapes", "vqclip.cli", "vqclip.web",
+                                             "vqclip.__main__"))
 
 
 def test_the_module_names_are_resolved():
@@ -54,10 +55,21 @@ def test_the_module_names_are_resolved():
 
 
 @pytest.mark.parametrize("name", [n for n in MODULES if is_core(n)])
-def test_the_core_imports_neither_the_shapes_world_nor_the_cli_nor_scripts(name):
-    bad = [m for m in imports(MODULES[name])
-           if within(m, "vqclip.shapes") or within(m, "vqclip.cli") or within(m, "scripts")]
+def test_the_core_imports_neither_the_shapes_world_nor_the_cli_nor_the_web_app_nor_scripts(name):
+    bad = [m for m in imports(MODULES[name]) if any(within(m, part) for part in (
+        "vqclip.shapes", "vqclip.cli", "vqclip.web", "scripts", "gradio"))]
     assert bad == [], f"{name} imports {bad}"
+
+
+@pytest.mark.parametrize("name", [n for n in MODULES if within(n, "vqclip.web")])
+def test_the_web_app_stands_on_the_core_alone(name):
+    bad = [m for m in imports(MODULES[name]) if within(m, "vqclip.shapes") or within(m, "vqclip.cli")]
+    assert bad == [], f"{name} imports {bad}"
+
+
+def test_only_the_layout_knows_the_web_framework():
+    for name in (n for n in MODULES if within(n, "vqclip.web") and n != "vqclip.web.layout"):
+        assert not [m for m in imports(MODULES[name]) if within(m, "gradio")], name
 
 
 @pytest.mark.parametrize("path", [*(p for n, p in MODULES.items() if not within(n, "vqclip.cli")

@@ -16,6 +16,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,7 +31,7 @@ from PIL import Image
 from . import __version__
 from .images import atomic_path, save_png
 
-__all__ = ["GenerationResult", "candidate_paths", "check_outputs", "ranking_path", "state_path", "video_frame"]
+__all__ = ["GenerationResult", "candidate_paths", "check_outputs", "claim_run_folder", "ranking_path", "state_path", "video_frame"]
 
 
 @dataclass
@@ -121,6 +123,25 @@ class GenerationResult:
             written.append(ranking)
         self.files.extend(written)
         return written
+
+
+def claim_run_folder(prompt: str, root: str | Path = "outputs") -> Path:
+    """Create a new folder under ``root`` named by date and a slug of the prompt.
+
+    Created here, with ``exist_ok=False``, so that two runs started in the same second (one per
+    GPU, say) never share one.
+    """
+    slug = re.sub(r"[^a-z0-9]+", "-", prompt.lower().split("|")[0]).strip("-")[:40].strip("-")
+    base = Path(root) / f"{time.strftime('%Y%m%d-%H%M%S')}-{slug or 'image'}"
+    base.parent.mkdir(parents=True, exist_ok=True)
+    for n in range(1, 1000):
+        folder = base if n == 1 else base.with_name(f"{base.name}-{n}")
+        try:
+            folder.mkdir()
+            return folder
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"could not make a new run folder beside {base}")
 
 
 def candidate_paths(path: str | Path, k: int) -> list[Path]:

@@ -15,12 +15,12 @@ import os
 import sys
 
 from .. import __version__
-from . import animate, batch, bench, generate, models, score, train
+from . import animate, batch, bench, generate, models, score, serve, train
 from .common import Parser, add_verbosity
 
 __all__ = ["build_parser", "main", "parse_args"]
 
-COMMANDS = (generate, animate, batch, score, train, models, bench)
+COMMANDS = (generate, animate, batch, score, serve, train, models, bench)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -14,8 +14,8 @@ from typing import Callable, Iterator
 
 from .common import add_clip_flags, add_verbosity, names
 
-__all__ = ["add_loop_flags", "claim_run_folder", "generate_config", "in_run_folder",
-           "load_generator", "loop_config", "new_run_folder", "register"]
+__all__ = ["add_loop_flags", "generate_config", "in_run_folder", "load_generator", "loop_config",
+           "new_run_folder", "register"]
 
 log = logging.getLogger("vqclip")
 
@@ -110,29 +110,12 @@ def _is_override(arg: str) -> bool:
     return m[1] in FLAT_KEYS or m[1].split(".")[0] in groups
 
 
-def claim_run_folder(prompt: str) -> Path:
-    """Create a new folder under outputs/ named by date and a slug of the prompt.
-
-    Created here, with ``exist_ok=False``, so that two runs started in the same second (one per
-    GPU, say) never share one.
-    """
-    slug = re.sub(r"[^a-z0-9]+", "-", prompt.lower().split("|")[0]).strip("-")[:40].strip("-")
-    base = Path("outputs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{slug or 'image'}"
-    base.parent.mkdir(parents=True, exist_ok=True)
-    for n in range(1, 1000):
-        folder = base if n == 1 else base.with_name(f"{base.name}-{n}")
-        try:
-            folder.mkdir()
-            return folder
-        except FileExistsError:
-            continue
-    raise FileExistsError(f"could not make a new run folder beside {base}")
-
-
 @contextlib.contextmanager
 def new_run_folder(prompt: str | None) -> Iterator[Path | None]:
     """A new run folder under outputs/ named after ``prompt`` (None: the user chose the output,
     and there is none); a check that fails inside the block removes it again."""
+    from ..outputs import claim_run_folder
+
     folder = claim_run_folder(prompt) if prompt is not None else None
     try:
         yield folder

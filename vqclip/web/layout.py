@@ -1,0 +1,276 @@
+"""The page: Gradio Blocks over :class:`vqclip.web.jobs.Jobs`. Tabs for Generate, Animate,
+Gallery and Search; every value the page shows comes from the library through ``Jobs``.
+
+Prompts, captions and records are shown in text components (Textbox, JSON, gallery captions),
+never as HTML or Markdown.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+import pandas as pd
+
+from ..config import list_presets
+from .files import form_settings
+from .jobs import Jobs, UserError
+
+__all__ = ["build"]
+
+
+
+def _number(label: str, value, elem_id: str, **kw) -> gr.Number:
+    return gr.Number(label=label, value=value, precision=kw.pop("precision", 0), elem_id=elem_id,
+                     **kw)
+
+
+def _form(jobs: Jobs, prefix: str, animate: bool) -> dict[str, Any]:
+    """The fields of the Generate or Animate form, with the start-up preset's defaults."""
+    c = jobs.gen.config
+    f: dict[str, Any] = {}
+    f["prompt"] = gr.Textbox(label="Prompt", elem_id=f"{prefix}-prompt", lines=2,
+                             placeholder="a red circle:1|blurry:-0.3" + (" ^ a blue square" * animate))
+    with gr.Row():
+        if not animate:
+            f["preset"] = gr.Dropdown(list_presets(), value=jobs.preset, label="Preset",
+                                      elem_id=f"{prefix}-preset")
+        f["seed"] = _number("Seed (-1: random)", -1, f"{prefix}-seed", minimum=-1)
+        f["width"] = _number("Width", c.size[0], f"{prefix}-width", minimum=16)
+        f["height"] = _number("Height", c.size[-1], f"{prefix}-height", minimum=16)
+    with gr.Row():
+        if animate:
+            a = c.animation
+            f["frames"] = _number("Frames", a.frames, f"{prefix}-frames", minimum=1)
+            f["first_steps"] = _number("Steps of frame 0", a.first_steps or c.optim.steps,
+                                       f"{prefix}-first-steps", minimum=0)
+            f["steps_per_frame"] = _number("Steps per frame", a.steps_per_frame,
+                                           f"{prefix}-steps-per-frame", minimum=1)
+            for key, label in (("zoom", "Zoom"), ("angle", "Angle"), ("translate_x", "Move x"),
+                               ("translate_y", "Move y")):
+                f[key] = _number(label, a[key], f"{prefix}-{key.replace('_', '-')}", precision=None)
+            f["fps"] = _number("FPS", a.fps, f"{prefix}-fps", minimum=1)
+        else:
+            f["steps"] = _number("Steps", c.optim.steps, f"{prefix}-steps", minimum=1)
+            f["cutn"] = _number("Cutouts", c.cutouts.cutn, f"{prefix}-cutn", minimum=1)
+            f["candidates"] = _number("Candidates", c.candidates, f"{prefix}-candidates",
+                                      minimum=1, maximum=16)
+    if not animate:
+        with gr.Accordion("Image prompts", open=False):
+            f["init_image"] = gr.Image(label="Init image", type="filepath", sources=["upload"],
+                                       elem_id=f"{prefix}-init")
+            f["image_prompts"] = gr.File(label="Image prompts", file_count="multiple",
+                                         file_types=["image"], elem_id=f"{prefix}-image-prompts")
+    return f
+
+
+def _form_values(names, values) -> dict[str, Any]:
+    form = dict(zip(names, values))
+    if isinstance(form.get("image_prompts"), list):
+        form["image_prompts"] = [getattr(p, "name", p) for p in form["image_prompts"]]
+    return form
+
+
+def _loss_frame(run) -> pd.DataFrame:
+    rows = [(step, f"candidate {k}", loss) for step, k, loss in list(run.progress.losses)]
+    return pd.DataFrame(rows, columns=["step", "candidate", "loss"])
+
+
+def _score(value) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def _stopper(jobs: Jobs):
+    def stop(request: gr.Request) -> None:  # this browser session's run only
+        jobs.stop(request.session_hash)
+
+    return stop
+
+
+def _generate_tab(jobs: Jobs):
+    form = _form(jobs, "gen", animate=False)
+    with gr.Row():
+        go = gr.Button("Generate", variant="primary", elem_id="gen-go")
+        stop = gr.Button("Stop", variant="stop", elem_id="gen-stop")
+    status = gr.Textbox(label="Progress", interactive=False, elem_id="gen-status")
+    with gr.Row():
+        live = gr.Image(label="Image", format="png", interactive=False, elem_id="gen-live",
+                        height=320)
+        curve = gr.LinePlot(x="step", y="loss", color="candidate", label="Loss", elem_id="gen-loss")
+    ranked = gr.Gallery(label="Candidates, best first", columns=4, format="png",
+                        elem_id="gen-ranked", interactive=False)
+    table = gr.Dataframe(headers=["rank", "score", "seed", "file"], label="Ranking",
+                         interactive=False, elem_id="gen-ranking")
+    records = gr.State([])
+    chosen = gr.JSON(label="Settings of the chosen candidate", elem_id="gen-settings")
+    files = gr.File(label="Files", file_count="multiple", interactive=False, elem_id="gen-files")
+    names = list(form)
+
+    def generate(request: gr.Request, *values):
+        try:
+            run, folder = jobs.start(request.session_hash, "generation",
+                                     _form_values(names, values))
+        except UserError as e:
+            raise gr.Error(str(e), print_exception=False) from None
+        try:
+            yield {status: "waiting for the first step…", ranked: [], chosen: None, files: None,
+                   table: None}
+            for _ in run.watch():
+                yield {live: jobs.live_image(run), curve: _loss_frame(run), status: jobs.status(run)}
+            result = jobs.finish(request.session_hash, run, folder)
+        except UserError as e:
+            raise gr.Error(str(e), print_exception=False) from None
+        finally:  # the tab closed, or the page went away: stop, and keep what was made
+            run.stop() if run.running else None
+            run.join()
+        rows = jobs.ranked(result)
+        t = result.timings
+        done = (f"stopped after {result.steps_done} steps; kept what was made" if result.interrupted
+                else f"done: {result.steps_done} steps in {t['steps']:.1f} s "
+                     f"({t['per_step']:.3f} s/step)")
+        yield {live: rows[0][0], curve: _loss_frame(run), status: f"{done} · seed {result.seeds[0]}",
+               ranked: [(p, caption) for p, caption, _ in rows], records: [r for *_, r in rows],
+               chosen: rows[0][2], files: [str(p) for p in result.files if p.is_file()],
+               table: [[r + 1, _score(rec.get("clip_score")), rec["seed"], Path(p).name]
+                       for r, (p, _, rec) in enumerate(rows)]}
+
+    go.click(generate, list(form.values()),
+             [live, curve, status, ranked, table, records, chosen, files],
+             concurrency_limit=1, concurrency_id="device")
+    stop.click(_stopper(jobs), None, None, queue=False)
+
+    def choose(rows, evt: gr.SelectData):
+        return rows[evt.index] if 0 <= evt.index < len(rows) else None
+
+    ranked.select(choose, records, chosen)
+    return form
+
+
+def _animate_tab(jobs: Jobs):
+    form = _form(jobs, "anim", animate=True)
+    with gr.Row():
+        go = gr.Button("Animate", variant="primary", elem_id="anim-go")
+        stop = gr.Button("Stop", variant="stop", elem_id="anim-stop")
+    status = gr.Textbox(label="Progress", interactive=False, elem_id="anim-status")
+    with gr.Row():
+        frames = gr.Gallery(label="Frames", columns=6, elem_id="anim-frames", interactive=False)
+        video = gr.Video(label="Video", elem_id="anim-video", interactive=False)
+    names = list(form)
+
+    def animate(request: gr.Request, *values):
+        try:
+            run, folder = jobs.start(request.session_hash, "animation", _form_values(names, values))
+        except UserError as e:
+            raise gr.Error(str(e), print_exception=False) from None
+        try:
+            yield {status: "waiting for the first frame…", video: None, frames: []}
+            for p in run.watch():
+                made = sorted(folder.glob("frame-*.png"))
+                yield {frames: [str(f) for f in made], status: jobs.status(run, "frame")}
+            result = jobs.finish(request.session_hash, run, folder)
+        except UserError as e:
+            raise gr.Error(str(e), print_exception=False) from None
+        finally:
+            run.stop() if run.running else None
+            run.join()
+        made = [r["path"] for r in result.records]
+        movie = next((str(p) for p in result.files if p.suffix in (".mp4", ".gif")
+                      and p.is_file()), None)
+        word = "stopped" if result.interrupted else "done"
+        yield {frames: made, video: movie, status: f"{word}: {len(made)} frames · seed {result.config.seed}"}
+
+    go.click(animate, list(form.values()), [frames, video, status], concurrency_limit=1,
+             concurrency_id="device")
+    stop.click(_stopper(jobs), None, None, queue=False)
+    return form
+
+
+def _gallery_tab(jobs: Jobs, tabs, gen_form, anim_form):
+    refresh = gr.Button("Refresh", elem_id="gallery-refresh")
+    shown = gr.Gallery(label="Runs, newest first", columns=5, elem_id="gallery", interactive=False)
+    entries = gr.State([])
+    with gr.Row():
+        record = gr.JSON(label="Settings", elem_id="gallery-settings")
+        video = gr.Video(label="Video", elem_id="gallery-video", interactive=False)
+    load = gr.Button("Load these settings", elem_id="gallery-load")
+    picked = gr.State(None)
+
+    def listing():
+        runs = jobs.runs()
+        return [(str(e.image), e.caption) for e in runs], runs, None, None, None
+
+    def pick(runs, evt: gr.SelectData):
+        e = runs[evt.index] if 0 <= evt.index < len(runs) else None
+        return (None, None, None) if e is None else (e.record, str(e.video) if e.video else None, e)
+
+    def load_settings(entry):
+        if entry is None:
+            raise gr.Error("choose a run first", print_exception=False)
+        values = form_settings(entry.record)
+        form = anim_form if entry.kind == "animation" else gen_form
+        tab = "animate" if entry.kind == "animation" else "generate"
+        updates = {form[k]: values[k] for k in form if k in values and values[k] is not None}
+        return {**updates, tabs: gr.Tabs(selected=tab)}
+
+    refresh.click(listing, None, [shown, entries, record, video, picked])
+    shown.select(pick, entries, [record, video, picked])
+    load.click(load_settings, picked, [tabs, *gen_form.values(), *anim_form.values()])
+    return listing, [shown, entries, record, video, picked]
+
+
+def _search_tab(jobs: Jobs):
+    roots = [str(r) for r in jobs.search_roots]
+    with gr.Row():
+        query = gr.Textbox(label="Search for", elem_id="search-query", scale=3)
+        folder = gr.Dropdown(roots, value=roots[-1], label="Folder", elem_id="search-folder",
+                             scale=2)
+        top = gr.Number(label="Results", value=8, precision=0, minimum=1, maximum=100,
+                        elem_id="search-top")
+    go = gr.Button("Search", variant="primary", elem_id="search-go")
+    found = gr.Gallery(label="Best first", columns=6, elem_id="search-results", interactive=False)
+    scores = gr.Dataframe(headers=["score", "file"], label="Scores", interactive=False,
+                          elem_id="search-table")
+    gr.Markdown("### Classify an image")
+    with gr.Row():
+        image = gr.Image(label="Image", type="filepath", sources=["upload"], elem_id="classify-image")
+        with gr.Column():
+            labels = gr.Textbox(label="Labels, comma-separated", elem_id="classify-labels")
+            classify = gr.Button("Classify", elem_id="classify-go")
+            probs = gr.Label(label="Probabilities", num_top_classes=10, elem_id="classify-result")
+
+    def run_search(q, f, k):
+        try:
+            hits = jobs.search(q, f, k or 8)
+        except UserError as e:
+            raise gr.Error(str(e), print_exception=False) from None
+        return [(path, f"{score:.4f} · {name}") for path, score, name in hits], \
+            [[f"{score:.4f}", name] for _, score, name in hits]
+
+    def run_classify(path, names):
+        try:
+            return jobs.classify(path, names)
+        except UserError as e:
+            raise gr.Error(str(e), print_exception=False) from None
+
+    go.click(run_search, [query, folder, top], [found, scores], concurrency_id="scoring")
+    query.submit(run_search, [query, folder, top], [found, scores], concurrency_id="scoring")
+    classify.click(run_classify, [image, labels], probs, concurrency_id="scoring")
+
+
+def build(jobs: Jobs) -> gr.Blocks:
+    """The app's Blocks (not launched)."""
+    with gr.Blocks(title="vqclip", analytics_enabled=False) as demo:
+        gr.Markdown("# vqclip\nText to image with VQGAN+CLIP: generate, animate, browse and search.")
+        with gr.Tabs() as tabs:
+            with gr.Tab("Generate", id="generate"):
+                gen_form = _generate_tab(jobs)
+            with gr.Tab("Animate", id="animate"):
+                anim_form = _animate_tab(jobs)
+            with gr.Tab("Gallery", id="gallery") as gallery:
+                listing, shown = _gallery_tab(jobs, tabs, gen_form, anim_form)
+            with gr.Tab("Search", id="search"):
+                _search_tab(jobs)
+        gallery.select(listing, None, shown)
+        demo.load(listing, None, shown)
+    return demo
