@@ -15,6 +15,13 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 import torch
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # pytest -n 2 (the README's test command): two workers share the two cores, one thread each,
+    # and so do the commands they start (which inherit these variables)
+    for _name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[_name] = "1"
+    torch.set_num_threads(1)
+
 # A taming VQGAN small enough for CPU tests; taming's GroupNorm needs channels divisible by 32.
 TINY_DDCONFIG = dict(double_z=False, z_channels=8, resolution=32, in_channels=3, out_ch=3, ch=32,
                      ch_mult=[1, 2], num_res_blocks=1, attn_resolutions=[16], dropout=0.0)

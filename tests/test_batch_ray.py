@@ -23,6 +23,7 @@ from conftest import cli_process, wait_for
 from test_cli_generate import TINY_RUN, flags
 
 pytest.importorskip("ray", reason="Ray is the optional extra vqclip[ray]; the dev extra installs it")
+pytestmark = pytest.mark.xdist_group("ray")  # under pytest -n, one Ray cluster at a time
 
 DEAD_PROXY = "http://127.0.0.1:9"
 RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "http_proxy": DEAD_PROXY, "https_proxy": DEAD_PROXY,

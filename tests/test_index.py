@@ -160,6 +160,7 @@ def test_bad_index_and_search_lines_exit_2_with_one_line(folder, capsys, argv, m
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.xdist_group("ray")
 def test_ray_local_index_stores_what_an_index_here_stores(folder, tmp_path, monkeypatch):
     root, _ = folder
     env = {**RAY_ENV, "VQCLIP_CACHE": str(tmp_path / "ray-cache")}

@@ -224,6 +224,9 @@ def test_gallery_commands_still_make_the_committed_images(block, tmp_path):
     0.74 levels apart between an AVX2 and an AVX-512 EPYC (same code), the others equal; a change
     of rounding alone moved its first by 1.27; another seed or setting differs by 50."""
     cwd, env = sandbox(tmp_path)
+    # on the 2 threads they were made with, also under pytest -n 2 (one thread a worker): on 1,
+    # the zoom animation's last frames drift 21.8 levels apart, init-image.png 5.09
+    env.update(OMP_NUM_THREADS="2", MKL_NUM_THREADS="2")
     shutil.rmtree(cwd / "docs" / "gallery")
     execute(block, cwd, env)
     made = sorted(p.name for p in (cwd / "docs" / "gallery").iterdir()

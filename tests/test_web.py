@@ -128,6 +128,7 @@ def test_bad_form_values_are_one_line_and_make_no_folder(tiny_generator, tmp_pat
 
 # -- over HTTP --------------------------------------------------------------------------------
 
+pytestmark = pytest.mark.xdist_group("http")  # under pytest -n: one server for the module
 @pytest.fixture(scope="module")
 def connections():
     """Every address this process connects a socket to, while the module's server runs."""

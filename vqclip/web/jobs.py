@@ -16,7 +16,7 @@ from omegaconf import DictConfig
 
 from ..config import load_config
 from ..ensemble import loaded_models
-from ..generator import GenerationInterrupted, Generator
+from ..generator import GenerationError, GenerationInterrupted, Generator
 from ..animation import AnimationInterrupted
 from ..images import load_image
 from ..outputs import candidate_paths, claim_run_folder, video_frame
@@ -134,7 +134,7 @@ class Jobs:
         if e is not None:
             if folder.is_dir() and not any(folder.iterdir()):
                 folder.rmdir()
-            if isinstance(e, (ValueError, OSError)):
+            if isinstance(e, (ValueError, OSError, GenerationError)):  # NaN loss, out of memory
                 raise UserError(str(e)) from None
             raise e
         return run.outcome

@@ -7,6 +7,7 @@ never as HTML or Markdown.
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any
 
@@ -88,12 +89,36 @@ def _stopper(jobs: Jobs):
     return stop
 
 
-def _generate_tab(jobs: Jobs):
-    form = _form(jobs, "gen", animate=False)
+def _controls(jobs: Jobs, prefix: str, word: str):
+    """A run's form, its button, a Stop button (wired) and the progress line."""
+    form = _form(jobs, prefix, animate=prefix == "anim")
     with gr.Row():
-        go = gr.Button("Generate", variant="primary", elem_id="gen-go")
-        stop = gr.Button("Stop", variant="stop", elem_id="gen-stop")
-    status = gr.Textbox(label="Progress", interactive=False, elem_id="gen-status")
+        go = gr.Button(word, variant="primary", elem_id=f"{prefix}-go")
+        stop = gr.Button("Stop", variant="stop", elem_id=f"{prefix}-stop")
+    stop.click(_stopper(jobs), None, None, queue=False)
+    return form, go, gr.Textbox(label="Progress", interactive=False, elem_id=f"{prefix}-status")
+
+
+@contextlib.contextmanager
+def _watched(jobs: Jobs, request: gr.Request, kind: str, names, values):
+    """A run started from the form for this browser session; when the block ends (the tab closed
+    too), the run is stopped, keeping what it made, and waited for. Bad values: one line."""
+    try:
+        run, folder = jobs.start(request.session_hash, kind, _form_values(names, values))
+    except UserError as e:
+        raise gr.Error(str(e), print_exception=False) from None
+    try:
+        yield run, folder
+    except UserError as e:
+        raise gr.Error(str(e), print_exception=False) from None
+    finally:
+        if run.running:
+            run.stop()
+        run.join()
+
+
+def _generate_tab(jobs: Jobs):
+    form, go, status = _controls(jobs, "gen", "Generate")
     with gr.Row():
         live = gr.Image(label="Image", format="png", interactive=False, elem_id="gen-live",
                         height=320)
@@ -108,22 +133,12 @@ def _generate_tab(jobs: Jobs):
     names = list(form)
 
     def generate(request: gr.Request, *values):
-        try:
-            run, folder = jobs.start(request.session_hash, "generation",
-                                     _form_values(names, values))
-        except UserError as e:
-            raise gr.Error(str(e), print_exception=False) from None
-        try:
+        with _watched(jobs, request, "generation", names, values) as (run, folder):
             yield {status: "waiting for the first step…", ranked: [], chosen: None, files: None,
                    table: None}
             for _ in run.watch():
                 yield {live: jobs.live_image(run), curve: _loss_frame(run), status: jobs.status(run)}
             result = jobs.finish(request.session_hash, run, folder)
-        except UserError as e:
-            raise gr.Error(str(e), print_exception=False) from None
-        finally:  # the tab closed, or the page went away: stop, and keep what was made
-            run.stop() if run.running else None
-            run.join()
         rows = jobs.ranked(result)
         t = result.timings
         done = (f"stopped after {result.steps_done} steps; kept what was made" if result.interrupted
@@ -138,7 +153,6 @@ def _generate_tab(jobs: Jobs):
     go.click(generate, list(form.values()),
              [live, curve, status, ranked, table, records, chosen, files],
              concurrency_limit=1, concurrency_id="device")
-    stop.click(_stopper(jobs), None, None, queue=False)
 
     def choose(rows, evt: gr.SelectData):
         return rows[evt.index] if 0 <= evt.index < len(rows) else None
@@ -148,32 +162,19 @@ def _generate_tab(jobs: Jobs):
 
 
 def _animate_tab(jobs: Jobs):
-    form = _form(jobs, "anim", animate=True)
-    with gr.Row():
-        go = gr.Button("Animate", variant="primary", elem_id="anim-go")
-        stop = gr.Button("Stop", variant="stop", elem_id="anim-stop")
-    status = gr.Textbox(label="Progress", interactive=False, elem_id="anim-status")
+    form, go, status = _controls(jobs, "anim", "Animate")
     with gr.Row():
         frames = gr.Gallery(label="Frames", columns=6, elem_id="anim-frames", interactive=False)
         video = gr.Video(label="Video", elem_id="anim-video", interactive=False)
     names = list(form)
 
     def animate(request: gr.Request, *values):
-        try:
-            run, folder = jobs.start(request.session_hash, "animation", _form_values(names, values))
-        except UserError as e:
-            raise gr.Error(str(e), print_exception=False) from None
-        try:
+        with _watched(jobs, request, "animation", names, values) as (run, folder):
             yield {status: "waiting for the first frame…", video: None, frames: []}
-            for p in run.watch():
+            for _ in run.watch():
                 made = sorted(folder.glob("frame-*.png"))
                 yield {frames: [str(f) for f in made], status: jobs.status(run, "frame")}
             result = jobs.finish(request.session_hash, run, folder)
-        except UserError as e:
-            raise gr.Error(str(e), print_exception=False) from None
-        finally:
-            run.stop() if run.running else None
-            run.join()
         made = [r["path"] for r in result.records]
         movie = next((str(p) for p in result.files if p.suffix in (".mp4", ".gif")
                       and p.is_file()), None)
@@ -182,7 +183,6 @@ def _animate_tab(jobs: Jobs):
 
     go.click(animate, list(form.values()), [frames, video, status], concurrency_limit=1,
              concurrency_id="device")
-    stop.click(_stopper(jobs), None, None, queue=False)
     return form
 
 
