@@ -5,14 +5,17 @@ the README's) go to test-artifacts/web/.
 Without Chromium these tests skip, saying so; where VQCLIP_REQUIRE_BROWSER=1 (CI sets it) they
 fail instead."""
 
+import io
 import json
 import os
 import re
 import shutil
 import time
 from pathlib import Path
+from urllib.parse import urljoin
 
 import pytest
+from PIL import Image
 
 pytest.importorskip("gradio", reason="the web extra is not installed")
 playwright = pytest.importorskip("playwright.sync_api", reason="Playwright is not installed")
@@ -131,6 +134,10 @@ def test_generate_shows_the_image_live_then_four_ranked_candidates(page, app):
     assert prompt in page.locator("#gen-settings").inner_text()
     records = sorted(app["out"].glob("*-a-red-circle-script-*/final-*.yaml"))
     assert len(records) == 4
+    # downloads: the PNG the page offers keeps its settings
+    link = page.locator("#gen-files a[href*='final-0.png']").first.get_attribute("href")
+    download = Image.open(io.BytesIO(page.request.get(urljoin(app["url"], link)).body()))
+    assert download.format == "PNG" and download.text["prompt"] == prompt
     assert all(u.startswith(app["url"]) or u.startswith(("data:", "blob:")) for u in page.requests), \
         [u for u in page.requests if not u.startswith(app["url"])]
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
