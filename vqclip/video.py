@@ -23,19 +23,23 @@ def choose_fps(num_frames: int, seconds: float = 8.0) -> int:
 
 @contextlib.contextmanager
 def _ctrl_c_held() -> Iterator[None]:
-    """Hold Ctrl-C (SIGINT) back for the block and raise it just after: one that lands in the
-    hooks of the fork that starts ffmpeg would be lost (Python ignores exceptions raised there),
-    and one inside a write to ffmpeg's pipe would leave half a frame in it. Only the main thread
-    receives signals, so only it holds them."""
-    if threading.current_thread() is not threading.main_thread() or \
-            not hasattr(signal, "pthread_sigmask"):
+    """Hold Ctrl-C (SIGINT) back for the block and hand it to the handler found just after: one
+    raised in the hooks of the fork that starts ffmpeg would be lost (Python ignores exceptions
+    raised there), and one inside a write to ffmpeg's pipe would end imageio's writer and leave
+    half a frame in the pipe. A handler, not a signal mask: the kernel may deliver a terminal's
+    Ctrl-C to any thread (torch's, ffmpeg's reader), and Python raises it in the main thread
+    all the same. Only the main thread can set handlers, and only it receives KeyboardInterrupt."""
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    caught: list[int] = []
+    old = signal.signal(signal.SIGINT, lambda number, frame: caught.append(number))
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        signal.signal(signal.SIGINT, old)
+        if caught:
+            signal.raise_signal(signal.SIGINT)  # to that handler: Python's raises KeyboardInterrupt
 
 
 class VideoWriter:
@@ -63,6 +67,7 @@ class VideoWriter:
     def append(self, frame: np.ndarray) -> None:
         if self.path.suffix.lower() == ".gif":
             self._frames.append(frame)
+            self.count += 1
         else:
             import imageio.v2 as iio
 
@@ -75,7 +80,7 @@ class VideoWriter:
                                                   codec="libx264", quality=8, macro_block_size=2,
                                                   ffmpeg_log_level="error")
                 self._writer.append_data(frame)
-        self.count += 1
+                self.count += 1
 
     def close(self, keep: bool = True) -> Path | None:
         """Finish the file and move it into place (``keep``), or discard it; returns the path."""
