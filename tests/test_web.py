@@ -10,6 +10,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -111,6 +112,41 @@ def test_stop_ends_a_run_after_its_step_and_keeps_what_it_made(tiny_generator, t
     record = json.loads(json.dumps(result.info(0)))
     assert record["interrupted"] and (folder / "final.png").is_file()
     assert not jobs.stop("session")  # nothing runs any more
+
+
+def test_go_on_continues_the_sessions_run_in_its_folder_bit_for_bit(tiny_generator, tmp_path):
+    jobs = Jobs(tiny_generator, tmp_path / "out")
+    form = {"prompt": "a circle", "seed": 2, "width": 32, "height": 32, "cutn": 4, "candidates": 2}
+    with pytest.raises(UserError, match="no generation to go on with"):
+        jobs.go_on("s", "generation", 6)
+    run, whole = jobs.start("other", "generation", dict(form, steps=6))
+    jobs.finish("other", run, whole)
+    run, folder = jobs.start("s", "generation", dict(form, steps=3))
+    jobs.finish("s", run, folder)
+    with pytest.raises(UserError, match="the run has 3 steps; set Steps above that"):
+        jobs.go_on("s", "generation", 3)
+    run, again = jobs.go_on("s", "generation", 6)
+    assert again == folder and run.progress.done == 3 and run.progress.seconds_left is None
+    result = jobs.finish("s", run, folder)
+    assert result.steps_done == 6 and len(list(jobs.outputs.iterdir())) == 2
+    assert sorted({step for step, _, _ in run.progress.losses}) == [3, 4, 5]  # only the rest
+    for k in range(2):
+        assert np.array_equal(np.asarray(Image.open(folder / f"final-{k}.png")),
+                              np.asarray(Image.open(whole / f"final-{k}.png")))
+
+
+def test_go_on_continues_an_animation_loaded_from_the_gallery(tiny_generator, tmp_path):
+    jobs = Jobs(tiny_generator, tmp_path / "out")
+    run, folder = jobs.start("maker", "animation", {"prompt": "a circle", "seed": 1, "frames": 2,
+                                                     "first_steps": 2, "steps_per_frame": 1,
+                                                     "width": 32, "height": 32, "cutn": 4})
+    jobs.finish("maker", run, folder)
+    entry = next(e for e in jobs.runs() if e.kind == "animation")
+    jobs.remember("viewer", "animation", entry.image.parent, None)  # the gallery's Load
+    run, again = jobs.go_on("viewer", "animation", 3)
+    result = jobs.finish("viewer", run, again)
+    assert again == folder and [Path(r["path"]).name for r in result.records] == [
+        "frame-00000.png", "frame-00001.png", "frame-00002.png"]
 
 
 def test_bad_form_values_are_one_line_and_make_no_folder(tiny_generator, tmp_path):

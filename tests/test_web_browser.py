@@ -109,6 +109,15 @@ def live_sources(page, until, timeout: float = 120) -> list[str]:
     return seen
 
 
+DRAWN_HEIGHT = """i => {
+    const box = i.getBoundingClientRect(), fit = getComputedStyle(i).objectFit;
+    let k = Math.min(box.width / i.naturalWidth, box.height / i.naturalHeight);
+    if (fit === "none") k = 1;
+    if (fit === "scale-down") k = Math.min(k, 1);
+    return [fit === "fill" ? box.height : k * i.naturalHeight, i.naturalHeight];
+}"""
+
+
 def table(page, elem_id: str) -> list[list[str]]:
     rows = page.locator(f"#{elem_id} [role=row].virtual-row")
     return [[c.strip() for c in rows.nth(i).locator("[role=gridcell]").all_inner_texts()]
@@ -124,6 +133,9 @@ def test_generate_shows_the_image_live_then_four_ranked_candidates(page, app):
     app["metrics"]["first_live_image_s"] = round(time.perf_counter() - clicked, 2)
     sources = live_sources(page, lambda s: s.startswith("done"))
     assert len(sources) >= 3, sources  # the live image changed at least twice before the end
+    # made at 64 px, drawn filling its frame: the height the picture is drawn at, in its box
+    drawn, natural = page.locator("#gen-live img").evaluate(DRAWN_HEIGHT)
+    assert drawn >= 4 * natural, (drawn, natural)
     rows = table(page, "gen-ranking")
     assert [r[0] for r in rows] == ["1", "2", "3", "4"]
     scores = [float(r[1]) for r in rows]
@@ -170,6 +182,11 @@ def test_stop_keeps_the_image_made_so_far_and_a_second_tab_waits_its_turn(page, 
     other.click("#gen-stop")
     live_sources(other, lambda s: s.startswith("stopped"), timeout=60)
     other.close()
+    fill(page, {"steps": str(steps + 3)})
+    page.click("#gen-more")  # Go on: the stopped run, in its folder, to the steps asked now
+    live_sources(page, lambda s: s.startswith("done"), timeout=60)
+    record = (folder / "final.yaml").read_text()
+    assert f"steps_done: {steps + 3}" in record and "interrupted: false" in record
 
 
 def test_an_earlier_run_in_the_gallery_loads_its_settings(page, app):
@@ -184,6 +201,10 @@ def test_an_earlier_run_in_the_gallery_loads_its_settings(page, app):
         "document.querySelector('#gen-prompt textarea').value === 'an earlier purple triangle'")
     assert page.input_value("#gen-seed input") == "11"
     assert page.input_value("#gen-steps input") == "4"
+    fill(page, {"steps": "6"})
+    page.click("#gen-more")  # Go on: the run loaded from the gallery
+    live_sources(page, lambda s: s.startswith("done"), timeout=60)
+    assert "steps_done: 6" in (app["out"] / "earlier" / "final.yaml").read_text()
 
 
 def test_search_puts_the_right_image_first_and_classify_reads_an_upload(page, app):

@@ -19,7 +19,7 @@ if not os.environ.get("GRADIO_TEMP_DIR"):  # uploads and the page's copies: this
     atexit.register(shutil.rmtree, os.environ["GRADIO_TEMP_DIR"], ignore_errors=True)
 
 from .jobs import Jobs, UserError  # noqa: E402 - after the environment above
-from .layout import build  # noqa: E402
+from .layout import CSS, build  # noqa: E402
 
 __all__ = ["Jobs", "UserError", "build", "launch"]
 
@@ -43,7 +43,7 @@ def launch(jobs: Jobs, host: str = "127.0.0.1", port: int | None = 7860,
         server_name=host, server_port=port, auth=auth, allowed_paths=[str(r) for r in jobs.search_roots],
         max_file_size=int(max_upload_mb * 2**20), prevent_thread_lock=True, show_error=True, quiet=True,
         ssr_mode=False, mcp_server=False, pwa=False, inbrowser=False, share=False,
-        footer_links=["settings"])
+        footer_links=["settings"], css=CSS)
     if block:
         try:
             demo.block_thread()

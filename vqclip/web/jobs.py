@@ -20,12 +20,17 @@ from ..generator import GenerationError, GenerationInterrupted, Generator
 from ..animation import AnimationInterrupted
 from ..images import load_image
 from ..outputs import candidate_paths, claim_run_folder, video_frame
+from ..resume import find_state, read_state
 from .files import inside, list_runs
 from .runs import Run
 
 __all__ = ["Jobs", "UserError"]
 
 log = logging.getLogger(__name__)
+
+
+def _candidate_losses(info: dict[str, Any]) -> list[tuple[int, float]]:
+    return list(enumerate(info["loss"].tolist()))
 
 
 class UserError(ValueError):
@@ -49,6 +54,7 @@ class Jobs:
         self.preset = gen.config.get("preset")  # None: models given another way
         self._generators = {str(loaded_models(gen.config.models)): gen}
         self._runs: dict[str, Run] = {}  # the run of each browser session
+        self._last: dict[tuple[str, str], tuple[Path, str | None]] = {}  # what Go on continues
         self._lock = threading.Lock()
 
     # -- generation ---------------------------------------------------------------------------
@@ -94,6 +100,7 @@ class Jobs:
 
     def start(self, session: str, kind: str, form: dict[str, Any]) -> tuple[Run, Path]:
         """Start a generation or an animation in a new run folder; the session's Stop ends it."""
+        preset = form.get("preset")
         gen, kwargs = self.settings(form, kind)
         folder = claim_run_folder(str(kwargs.get("prompt") or "image").split("^")[0], self.outputs)
         kwargs = self._keep_uploads(kwargs, folder)
@@ -106,13 +113,47 @@ class Jobs:
                           best_only=False)
             run = Run(lambda callback: gen.generate(callback=callback, **kwargs),
                       total=int(kwargs.get("steps") or kwargs["config"].optim.steps),
-                      losses=lambda info: list(enumerate(info["loss"].tolist())))
+                      losses=_candidate_losses)
+        self.remember(session, kind, folder / "final.png" if kind == "generation" else folder,
+                      preset)
+        return self._begin(session, run), folder
+
+    def remember(self, session: str, kind: str, path: Path, preset: str | None) -> None:
+        """The run that the session's Go on continues: its PNG (any candidate's) or, for an
+        animation, its folder; the session's newest run, or one loaded from the gallery."""
+        with self._lock:
+            self._last[session, kind] = (Path(path), preset)
+
+    def go_on(self, session: str, kind: str, total: int | None) -> tuple[Run, Path]:
+        """Go on with the session's remembered run to ``total`` steps (frames, for an animation)
+        in all, in its own folder, bit for bit as if it had not stopped (:mod:`vqclip.resume`)."""
+        path, preset = self._last.get((session, kind), (None, None))
+        if path is None:
+            raise UserError(f"no {kind} to go on with: make one, or load one from the gallery")
+        try:
+            header, _ = read_state(find_state(path, kind), kind, tensors=False)
+        except (FileNotFoundError, ValueError) as e:
+            raise UserError(str(e)) from None
+        done = len(header["records"]) if kind == "animation" else header["step"]
+        unit = "frames" if kind == "animation" else "steps"
+        if total is None or int(total) <= done:
+            raise UserError(f"the run has {done} {unit}; set {unit.capitalize()} above that to go on")
+        gen, _ = self.generator(preset)
+        if kind == "animation":
+            run = Run(lambda callback: gen.animate(callback=callback, resume=path, frames=int(total)),
+                      total=int(total), done=done)
+        else:
+            run = Run(lambda callback: gen.generate(callback=callback, resume=path, steps=int(total)),
+                      total=int(total), done=done, losses=_candidate_losses)
+        return self._begin(session, run), path if kind == "animation" else path.parent
+
+    def _begin(self, session: str, run: Run) -> Run:
         with self._lock:
             old = self._runs.get(session)
             if old is not None and old.running:
                 old.stop()
             self._runs[session] = run
-        return run, folder
+        return run
 
     def stop(self, session: str) -> bool:
         """Stop the session's run after its current step; False if none is running."""

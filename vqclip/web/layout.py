@@ -18,8 +18,10 @@ from ..config import list_presets
 from .files import form_settings
 from .jobs import Jobs, UserError
 
-__all__ = ["build"]
+__all__ = ["CSS", "build"]
 
+# the image fills its frame: the bundled models draw 64 px, which would sit small in 320
+CSS = "#gen-live img { width: 100%; height: 100%; object-fit: contain; }"
 
 
 def _number(label: str, value, elem_id: str, **kw) -> gr.Number:
@@ -90,21 +92,48 @@ def _stopper(jobs: Jobs):
 
 
 def _controls(jobs: Jobs, prefix: str, word: str):
-    """A run's form, its button, a Stop button (wired) and the progress line."""
-    form = _form(jobs, prefix, animate=prefix == "anim")
+    """A run's form, its button, Go on (the last run, to the form's length), a Stop button
+    (wired) and the progress line."""
+    animate = prefix == "anim"
+    form = _form(jobs, prefix, animate)
     with gr.Row():
         go = gr.Button(word, variant="primary", elem_id=f"{prefix}-go")
+        more = gr.Button("Go on to these frames" if animate else "Go on to these steps",
+                         elem_id=f"{prefix}-more")
         stop = gr.Button("Stop", variant="stop", elem_id=f"{prefix}-stop")
     stop.click(_stopper(jobs), None, None, queue=False)
-    return form, go, gr.Textbox(label="Progress", interactive=False, elem_id=f"{prefix}-status")
+    status = gr.Textbox(label="Progress", interactive=False, elem_id=f"{prefix}-status")
+    return form, go, more, status
+
+
+def _starter(jobs: Jobs, kind: str, names):
+    """How the form's button starts a run, and how Go on does: ``start(request, values)``."""
+    def start(request: gr.Request, values):
+        return jobs.start(request.session_hash, kind, _form_values(names, values))
+
+    def go_on(request: gr.Request, values):
+        length = _form_values(names, values).get("frames" if kind == "animation" else "steps")
+        return jobs.go_on(request.session_hash, kind, length)
+
+    return start, go_on
+
+
+def _handler(show, start):
+    """A button's handler: ``show(start, request, values)``, the page's updates for a run that
+    ``start`` begins (the framework finds the request by its annotation)."""
+    def handle(request: gr.Request, *values):
+        yield from show(start, request, values)
+
+    return handle
 
 
 @contextlib.contextmanager
-def _watched(jobs: Jobs, request: gr.Request, kind: str, names, values):
-    """A run started from the form for this browser session; when the block ends (the tab closed
-    too), the run is stopped, keeping what it made, and waited for. Bad values: one line."""
+def _watched(request: gr.Request, start, values):
+    """A run started (``start(request, values)``) for this browser session; when the block ends
+    (the tab closed too), the run is stopped, keeping what it made, and waited for. Bad values:
+    one line."""
     try:
-        run, folder = jobs.start(request.session_hash, kind, _form_values(names, values))
+        run, folder = start(request, values)
     except UserError as e:
         raise gr.Error(str(e), print_exception=False) from None
     try:
@@ -118,7 +147,7 @@ def _watched(jobs: Jobs, request: gr.Request, kind: str, names, values):
 
 
 def _generate_tab(jobs: Jobs):
-    form, go, status = _controls(jobs, "gen", "Generate")
+    form, go, more, status = _controls(jobs, "gen", "Generate")
     with gr.Row():
         live = gr.Image(label="Image", format="png", interactive=False, elem_id="gen-live",
                         height=320)
@@ -132,8 +161,8 @@ def _generate_tab(jobs: Jobs):
     files = gr.File(label="Files", file_count="multiple", interactive=False, elem_id="gen-files")
     names = list(form)
 
-    def generate(request: gr.Request, *values):
-        with _watched(jobs, request, "generation", names, values) as (run, folder):
+    def generate(start, request: gr.Request, values):
+        with _watched(request, start, values) as (run, folder):
             yield {status: "waiting for the first step…", ranked: [], chosen: None, files: None,
                    table: None}
             for _ in run.watch():
@@ -150,9 +179,10 @@ def _generate_tab(jobs: Jobs):
                table: [[r + 1, _score(rec.get("clip_score")), rec["seed"], Path(p).name]
                        for r, (p, _, rec) in enumerate(rows)]}
 
-    go.click(generate, list(form.values()),
-             [live, curve, status, ranked, table, records, chosen, files],
-             concurrency_limit=1, concurrency_id="device")
+    for button, start in zip((go, more), _starter(jobs, "generation", names)):
+        button.click(_handler(generate, start), list(form.values()),
+                     [live, curve, status, ranked, table, records, chosen, files],
+                     concurrency_limit=1, concurrency_id="device")
 
     def choose(rows, evt: gr.SelectData):
         return rows[evt.index] if 0 <= evt.index < len(rows) else None
@@ -162,14 +192,14 @@ def _generate_tab(jobs: Jobs):
 
 
 def _animate_tab(jobs: Jobs):
-    form, go, status = _controls(jobs, "anim", "Animate")
+    form, go, more, status = _controls(jobs, "anim", "Animate")
     with gr.Row():
         frames = gr.Gallery(label="Frames", columns=6, elem_id="anim-frames", interactive=False)
         video = gr.Video(label="Video", elem_id="anim-video", interactive=False)
     names = list(form)
 
-    def animate(request: gr.Request, *values):
-        with _watched(jobs, request, "animation", names, values) as (run, folder):
+    def animate(start, request: gr.Request, values):
+        with _watched(request, start, values) as (run, folder):
             yield {status: "waiting for the first frame…", video: None, frames: []}
             for _ in run.watch():
                 made = sorted(folder.glob("frame-*.png"))
@@ -181,8 +211,9 @@ def _animate_tab(jobs: Jobs):
         word = "stopped" if result.interrupted else "done"
         yield {frames: made, video: movie, status: f"{word}: {len(made)} frames · seed {result.config.seed}"}
 
-    go.click(animate, list(form.values()), [frames, video, status], concurrency_limit=1,
-             concurrency_id="device")
+    for button, start in zip((go, more), _starter(jobs, "animation", names)):
+        button.click(_handler(animate, start), list(form.values()),
+                     [frames, video, status], concurrency_limit=1, concurrency_id="device")
     return form
 
 
@@ -204,12 +235,16 @@ def _gallery_tab(jobs: Jobs, tabs, gen_form, anim_form):
         e = runs[evt.index] if 0 <= evt.index < len(runs) else None
         return (None, None, None) if e is None else (e.record, str(e.video) if e.video else None, e)
 
-    def load_settings(entry):
+    def load_settings(entry, request: gr.Request):
         if entry is None:
             raise gr.Error("choose a run first", print_exception=False)
         values = form_settings(entry.record)
-        form = anim_form if entry.kind == "animation" else gen_form
-        tab = "animate" if entry.kind == "animation" else "generate"
+        animation = entry.kind == "animation"
+        form = anim_form if animation else gen_form
+        tab = "animate" if animation else "generate"
+        jobs.remember(request.session_hash, entry.kind,  # Go on continues this run
+                      entry.image.parent if animation else entry.image,
+                      entry.record.get("config", {}).get("preset"))
         updates = {form[k]: values[k] for k in form if k in values and values[k] is not None}
         return {**updates, tabs: gr.Tabs(selected=tab)}
 

@@ -23,6 +23,7 @@ class Progress:
 
     done: int = 0  # steps (or frames) finished
     total: int = 0
+    first: int = 0  # those done before this run started (a run gone on with)
     update: dict[str, Any] | None = None  # the callback's newest payload
     losses: list[tuple[int, int, float]] = field(default_factory=list)  # (step, candidate, loss)
     started: float = field(default_factory=time.perf_counter)
@@ -30,9 +31,12 @@ class Progress:
 
     @property
     def seconds_left(self) -> float | None:
-        if not self.done or self.done >= self.total:
-            return None if not self.done else 0.0
-        return (time.perf_counter() - self.started) / self.done * (self.total - self.done)
+        if self.done <= self.first:  # none done yet by this run
+            return None
+        if self.done >= self.total:
+            return 0.0
+        return ((time.perf_counter() - self.started) / (self.done - self.first)
+                * (self.total - self.done))
 
 
 class Run:
@@ -42,12 +46,13 @@ class Run:
         work: runs the library call with the callback it is given; its return value, or the
             exception it raised, is the run's outcome.
         total: steps (or frames) in all, for the time left.
+        done: those already done when it starts (a run gone on with).
         losses: reads ``(candidate, loss)`` pairs out of a callback's payload, for the curve.
     """
 
-    def __init__(self, work: Callable[[Callable], Any], total: int,
+    def __init__(self, work: Callable[[Callable], Any], total: int, done: int = 0,
                  losses: Callable[[dict], list[tuple[int, float]]] = lambda info: []):
-        self.progress = Progress(total=total)
+        self.progress = Progress(done=done, total=total, first=done)
         self.outcome: Any = None
         self.error: BaseException | None = None
         self._work, self._losses = work, losses
