@@ -131,7 +131,7 @@ class Jobs:
         if path is None:
             raise UserError(f"no {kind} to go on with: make one, or load one from the gallery")
         try:
-            header, _ = read_state(find_state(path, kind), kind, tensors=False)
+            header, tensors = read_state(find_state(path, kind), kind, kind == "generation")
         except (FileNotFoundError, ValueError) as e:
             raise UserError(str(e)) from None
         done = len(header["records"]) if kind == "animation" else header["step"]
@@ -143,8 +143,10 @@ class Jobs:
             run = Run(lambda callback: gen.animate(callback=callback, resume=path, frames=int(total)),
                       total=int(total), done=done)
         else:
+            before = [(step, k, float(loss)) for step, row in enumerate(tensors["losses"])
+                      for k, loss in enumerate(row)]  # the curve so far
             run = Run(lambda callback: gen.generate(callback=callback, resume=path, steps=int(total)),
-                      total=int(total), done=done, losses=_candidate_losses)
+                      total=int(total), done=done, losses=_candidate_losses, before=before)
         return self._begin(session, run), path if kind == "animation" else path.parent
 
     def _begin(self, session: str, run: Run) -> Run:

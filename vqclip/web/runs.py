@@ -46,13 +46,14 @@ class Run:
         work: runs the library call with the callback it is given; its return value, or the
             exception it raised, is the run's outcome.
         total: steps (or frames) in all, for the time left.
-        done: those already done when it starts (a run gone on with).
+        done: those already done when it starts (a run gone on with); ``before``: their losses.
         losses: reads ``(candidate, loss)`` pairs out of a callback's payload, for the curve.
     """
 
     def __init__(self, work: Callable[[Callable], Any], total: int, done: int = 0,
-                 losses: Callable[[dict], list[tuple[int, float]]] = lambda info: []):
-        self.progress = Progress(done=done, total=total, first=done)
+                 losses: Callable[[dict], list[tuple[int, float]]] = lambda info: [],
+                 before: list[tuple[int, int, float]] = ()):
+        self.progress = Progress(done=done, total=total, first=done, losses=list(before))
         self.outcome: Any = None
         self.error: BaseException | None = None
         self._work, self._losses = work, losses
