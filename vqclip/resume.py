@@ -37,7 +37,8 @@ from .config import load_config
 from .images import atomic_path
 from .outputs import state_path
 
-__all__ = ["LoopState", "find_state", "load_resumed", "read_state", "save_state"]
+__all__ = ["LoopState", "find_state", "length_done", "load_resumed", "read_state",
+           "save_state"]
 
 log = logging.getLogger(__name__)
 
@@ -156,12 +157,18 @@ def load_resumed(path: str | Path, kind: str, change: Callable[[DictConfig], Dic
         OmegaConf.update(saved, key, new_leaves[key], merge=False)
     if kind == "animation" or Path(saved.output.path).resolve() == Path(own).resolve():
         saved.output.overwrite = True  # the run's own files, continued
-    done, total, name = (header["step"], saved.optim.steps, "steps") if kind == "generation" \
-        else (len(header["records"]), saved.animation.frames, "frames")
+    done = length_done(header, kind)
+    total, name = (saved.optim.steps, "steps") if kind == "generation" \
+        else (saved.animation.frames, "frames")
     if total <= done:
         raise ValueError(f"--resume: {path.parent if kind == 'animation' else path} has {done} "
                          f"{name} already; ask for more (--{name} N, N > {done})")
     return path, saved, header, data
+
+
+def length_done(header: dict, kind: str) -> int:
+    """How far a state file's run got: its steps (a generation) or frames (an animation)."""
+    return header["step"] if kind == "generation" else len(header["records"])
 
 
 def _leaves(tree: dict, prefix: str = "") -> dict[str, Any]:

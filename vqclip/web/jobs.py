@@ -20,7 +20,7 @@ from ..generator import GenerationError, GenerationInterrupted, Generator
 from ..animation import AnimationInterrupted
 from ..images import load_image
 from ..outputs import candidate_paths, claim_run_folder, video_frame
-from ..resume import find_state, read_state
+from ..resume import find_state, length_done, read_state
 from .files import inside, list_runs
 from .runs import Run
 
@@ -134,7 +134,7 @@ class Jobs:
             header, tensors = read_state(find_state(path, kind), kind, kind == "generation")
         except (FileNotFoundError, ValueError) as e:
             raise UserError(str(e)) from None
-        done = len(header["records"]) if kind == "animation" else header["step"]
+        done = length_done(header, kind)
         unit = "frames" if kind == "animation" else "steps"
         if total is None or int(total) <= done:
             raise UserError(f"the run has {done} {unit}; set {unit.capitalize()} above that to go on")
