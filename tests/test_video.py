@@ -31,9 +31,19 @@ class OtherThread(threading.Thread):
         self.done.wait()
 
 
+@pytest.fixture
+def terminal_ctrl_c():
+    """SIGINT as a process started from a terminal has it: Python's handler, which raises
+    KeyboardInterrupt. A background job (CI may be one) inherits it ignored, and what ran
+    before in the same pytest worker may have left another handler."""
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, old)
+
+
 @pytest.mark.skipif(threading.current_thread() is not threading.main_thread(),
                     reason="signal handlers can only be set from the main thread")
-def test_ctrl_c_on_any_thread_during_a_frame_is_raised_after_it(tmp_path):
+def test_ctrl_c_on_any_thread_during_a_frame_is_raised_after_it(tmp_path, terminal_ctrl_c):
     import imageio.v3 as iio
 
     frames = [np.full((16, 16, 3), 40 * i, np.uint8) for i in range(4)]
