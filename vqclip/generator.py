@@ -48,7 +48,7 @@ from .outputs import GenerationResult, check_outputs, state_path, video_frame
 from .ensemble import Guide, guide_weights, loaded_models, member_name, models_text, ranker
 from .prompts import build_targets, init_latents
 from .resume import LoopState, load_resumed
-from .video import VideoWriter, choose_fps
+from .video import VideoWriter, choose_fps, ctrl_c_held
 
 __all__ = ["GenerationError", "GenerationInterrupted", "Generator", "check_precision", "generate",
            "resolve_precision"]
@@ -279,9 +279,10 @@ class Generator:
                     if cfg.denoise_every and (step + 1) % cfg.denoise_every == 0:
                         self.denoise(cfg, z)
                     torch.clamp_(z.data, lo, hi)
-                    if video is not None and step % cfg.output.save_every == 0:
-                        video.append(video_frame(image))
-                    losses.append(loss)  # the step is whole from here: its frame is written
+                    with ctrl_c_held():  # a Ctrl-C here comes after both: the frame, whole step
+                        if video is not None and step % cfg.output.save_every == 0:
+                            video.append(video_frame(image))
+                        losses.append(loss)  # the step is whole from here: its frame is written
                     bar.update()
                     if (step + 1) % LOSS_EVERY == 0 or step + 1 == cfg.optim.steps:
                         checked = check_finite(losses, checked, z, cfg.optim.lr)

@@ -13,7 +13,7 @@ import numpy as np
 
 from .images import temp_path
 
-__all__ = ["VideoWriter", "choose_fps"]
+__all__ = ["VideoWriter", "choose_fps", "ctrl_c_held"]
 
 
 def choose_fps(num_frames: int, seconds: float = 8.0) -> int:
@@ -22,7 +22,7 @@ def choose_fps(num_frames: int, seconds: float = 8.0) -> int:
 
 
 @contextlib.contextmanager
-def _ctrl_c_held() -> Iterator[None]:
+def ctrl_c_held() -> Iterator[None]:
     """Hold Ctrl-C (SIGINT) back for the block and hand it to the handler found just after: one
     raised in the hooks of the fork that starts ffmpeg would be lost (Python ignores exceptions
     raised there), and one inside a write to ffmpeg's pipe would end imageio's writer and leave
@@ -73,7 +73,7 @@ class VideoWriter:
 
             # ffmpeg starts on the first frame, and each frame is one write to its pipe: neither
             # may be cut short (a lost Ctrl-C, a torn frame)
-            with _ctrl_c_held():
+            with ctrl_c_held():
                 if self._writer is None:
                     # macro_block_size=2: keep the exact size (H.264 in yuv420p needs even sides)
                     self._writer = iio.get_writer(self.tmp, format="FFMPEG", fps=self.fps,
